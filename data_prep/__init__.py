@@ -1,0 +1,1 @@
+"""Dataset preparation on Ray: raw datasets to Parquet shards with a manifest."""

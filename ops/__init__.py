@@ -1,0 +1,29 @@
+"""Criss-cross attention (CCNet, Huang et al., ICCV 2019) as a PyTorch custom operator.
+
+    import ops
+    out = ops.criss_cross_attention(q, k, v)   # q, k (N, C', H, W), v (N, C, H, W)
+
+CPU (C++) and CUDA kernels registered under ``torch.ops.ccnet_ops``, built on first use
+(``python -m ops.build`` builds ahead of time); ``ops.reference`` is the pure-PyTorch form.
+Nothing is built or registered at import time.
+"""
+
+from . import reference
+from .criss_cross import (
+    IMPLEMENTATIONS,
+    criss_cross_attention,
+    get_implementation,
+    load_compiled,
+    set_implementation,
+    use_implementation,
+)
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "criss_cross_attention",
+    "get_implementation",
+    "load_compiled",
+    "reference",
+    "set_implementation",
+    "use_implementation",
+]

@@ -1,0 +1,1 @@
+"""The Ray pipeline: prepare -> train (Ray Train) -> evaluate -> register (MLflow)."""

@@ -1,0 +1,46 @@
+"""Shared fixtures. The op tests must exercise the compiled kernels, never a silent fallback,
+so a failed build fails the session (CCNET_OPS_STRICT=1 unless set otherwise)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("CCNET_OPS_STRICT", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])]
+
+
+def sample_inputs(
+    shape: tuple[int, int, int, int, int],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    requires_grad: bool = False,
+    layout: str = "contiguous",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (N, C', H, W) and v (N, C, H, W) for shape (N, C', C, H, W).
+
+    layout: "contiguous", "transposed" (H and W swapped in memory), "channels_last" or
+    "sliced" (every other element of a wider tensor).
+    """
+    N, Cq, C, H, W = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(channels: int) -> torch.Tensor:
+        if layout == "transposed":
+            t = torch.randn(N, channels, W, H, generator=gen, dtype=torch.float64).transpose(2, 3)
+        elif layout == "sliced":
+            t = torch.randn(N, channels, H, 2 * W, generator=gen, dtype=torch.float64)[..., ::2]
+        else:
+            t = torch.randn(N, channels, H, W, generator=gen, dtype=torch.float64)
+            if layout == "channels_last":
+                t = t.contiguous(memory_format=torch.channels_last)
+        t = t.to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    return make(Cq), make(Cq), make(C)

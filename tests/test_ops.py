@@ -1,0 +1,332 @@
+"""The criss-cross attention op: compiled kernels against the reference and an independent
+per-pixel computation, gradients, registration, torch.compile, bad input and the switch."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ops
+from ops import criss_cross, extension, reference
+from tests.conftest import DEVICES, sample_inputs
+
+# (atol, rtol) of the compiled op against the reference, per dtype.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The compiled kernels (a failed build fails here: CCNET_OPS_STRICT=1 in conftest)."""
+    info = ops.load_compiled()
+    assert info is not None and info.library.exists()
+    return torch.ops.ccnet_ops
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def per_pixel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Criss-cross attention pixel by pixel, straight from the paper's definition."""
+    N, _, H, W = q.shape
+    out = torch.zeros(N, v.shape[1], H, W, dtype=torch.float64)
+    q, k, v = q.double(), k.double(), v.double()
+    for n, y, x in itertools.product(range(N), range(H), range(W)):
+        keys = [(y, i) for i in range(W)] + [(j, x) for j in range(H) if j != y]
+        energy = torch.stack([q[n, :, y, x] @ k[n, :, a, b] for a, b in keys])
+        weight = torch.softmax(energy, dim=0)
+        out[n, :, y, x] = sum(w * v[n, :, a, b] for w, (a, b) in zip(weight, keys))
+    return out
+
+
+def forward_and_grads(impl: str, q, k, v, seed: int = 1):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = ops.criss_cross_attention(q, k, v, implementation=impl)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out.backward(grad.to(out))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def assert_close_all(actual, expected, dtype):
+    atol, rtol = TOLERANCE[dtype]
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        torch.testing.assert_close(a.float() if dtype in (torch.float16, torch.bfloat16) else a,
+                                   e.to(a.dtype).float() if dtype in (torch.float16, torch.bfloat16) else e,
+                                   atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- the reference itself --------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 3, 4), (2, 3, 2, 1, 5), (1, 2, 3, 4, 1), (1, 1, 1, 1, 1)])
+def test_reference_matches_per_pixel_definition(shape):
+    q, k, v = sample_inputs(shape)
+    torch.testing.assert_close(reference.criss_cross_attention(q, k, v), per_pixel(q, k, v),
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_reference_slot_layout_agrees_with_fused_form():
+    q, k, v = sample_inputs((2, 3, 4, 5, 6))
+    attn = torch.softmax(reference.energy(q, k), dim=1)
+    torch.testing.assert_close(reference.aggregate(attn, v), reference.criss_cross_attention(q, k, v),
+                               atol=1e-12, rtol=1e-12)
+
+
+# --- compiled against reference ------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 8, 16, 17, 13), (1, 4, 6, 1, 9), (1, 4, 6, 9, 1), (1, 1, 1, 1, 1)])
+def test_compiled_matches_reference_float64(lib, device, shape):
+    q, k, v = sample_inputs(shape, device=device)
+    assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v),
+                     torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 96, 97, 97)])
+def test_compiled_matches_reference_float32_cpu(lib, shape):
+    q, k, v = sample_inputs(shape, dtype=torch.float32)
+    q, k = q * 0.3, k * 0.3  # energies of a trained head: softmax far from one-hot
+    assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v),
+                     torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 512, 97, 97), (1, 3, 5, 1, 7)])
+def test_compiled_matches_reference_cuda(lib, dtype, shape):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q, k, v = sample_inputs(shape, device="cuda", dtype=dtype)
+    q, k = q * 0.3, k * 0.3
+    # the reference runs in float32 on the same (rounded) inputs: the kernels accumulate in float32
+    expected = forward_and_grads("reference", q.float(), k.float(), v.float())
+    assert_close_all(forward_and_grads("compiled", q, k, v), expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_primitives_match_reference(lib, device):
+    q, k, v = sample_inputs((2, 3, 5, 6, 7), device=device)
+    attn = torch.softmax(reference.energy(q, k), dim=1)
+    torch.testing.assert_close(lib.cc_energy(q, k), reference.energy(q, k), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lib.cc_aggregate(attn, v), reference.aggregate(attn, v), atol=1e-12, rtol=1e-12)
+    # cc_scatter is the adjoint of cc_aggregate in v: <aggregate(w, v), g> == <v, scatter(w, g)>
+    g = torch.randn_like(v)
+    lhs = (lib.cc_aggregate(attn, v) * g).sum()
+    rhs = (v * lib.cc_scatter(attn, g)).sum()
+    torch.testing.assert_close(lhs, rhs, atol=1e-10, rtol=1e-12)
+
+
+layouts = st.sampled_from(["contiguous", "transposed", "channels_last", "sliced"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 2), Cq=st.integers(1, 5), C=st.integers(1, 9), H=st.integers(1, 11),
+       W=st.integers(1, 11), layout=layouts, seed=st.integers(0, 2**16))
+def test_compiled_matches_reference_property(lib, N, Cq, C, H, W, layout, seed):
+    q, k, v = sample_inputs((N, Cq, C, H, W), layout=layout, seed=seed)
+    assert_close_all(forward_and_grads("compiled", q, k, v, seed), forward_and_grads("reference", q, k, v, seed),
+                     torch.float64)
+
+
+def test_compiled_path_runs_the_kernels(lib):
+    q, k, v = sample_inputs((1, 2, 3, 4, 5), requires_grad=True)
+    with OpRecorder() as rec:
+        ops.criss_cross_attention(q, k, v, implementation="compiled").sum().backward()
+    assert {"ccnet_ops.cc_energy.default", "ccnet_ops.cc_aggregate.default",
+            "ccnet_ops.cc_scatter.default"} <= set(rec.names)
+    with OpRecorder() as rec:
+        ops.criss_cross_attention(q, k, v, implementation="reference")
+    assert not [n for n in rec.names if n.startswith("ccnet_ops")]
+
+
+# --- the centre pixel is counted exactly once -------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_centre_pixel_counted_once(lib, impl, device):
+    # Zero query/key: every one of the H + W - 1 slots weighs 1 / (H + W - 1). A one-hot value at
+    # the centre gives it exactly that weight; counting it twice would give 2 / (H + W),
+    # dropping it 0.
+    N, C, H, W, yc, xc = 1, 1, 5, 7, 2, 3
+    q = torch.zeros(N, 2, H, W, dtype=torch.float64, device=device)
+    v = torch.zeros(N, C, H, W, dtype=torch.float64, device=device)
+    v[0, 0, yc, xc] = 1.0
+    out = ops.criss_cross_attention(q, q.clone(), v, implementation=impl)[0, 0].cpu()
+    expected = torch.zeros(H, W, dtype=torch.float64)
+    expected[yc, :] = 1.0 / (H + W - 1)  # every pixel on the centre's row sees it once
+    expected[:, xc] = 1.0 / (H + W - 1)  # and every pixel on its column
+    torch.testing.assert_close(out, expected, atol=1e-15, rtol=0)
+
+
+# --- autograd, registration, torch.compile --------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(lib, device):
+    q, k, v = sample_inputs((2, 2, 3, 4, 5), device=device, requires_grad=True)
+    fn = lambda q, k, v: ops.criss_cross_attention(q, k, v, implementation="compiled")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_primitives(lib, device):
+    q, k, v = sample_inputs((1, 2, 3, 3, 4), device=device, requires_grad=True)
+    attn = torch.rand(1, 6, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lib.cc_energy, (q, k))
+    assert torch.autograd.gradcheck(lib.cc_aggregate, (attn, v))
+    assert torch.autograd.gradcheck(lib.cc_scatter, (attn, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(lib, device):
+    q, k, v = sample_inputs((2, 3, 4, 5, 6), device=device, dtype=torch.float32)
+    attn = torch.softmax(reference.energy(q, k), dim=1)
+    for requires_grad in (False, True):
+        args = {
+            lib.cc_energy.default: (q, k),
+            lib.cc_aggregate.default: (attn, v),
+            lib.cc_scatter.default: (attn, v),
+        }
+        for op, inputs in args.items():
+            inputs = tuple(t.detach().clone().requires_grad_(requires_grad) for t in inputs)
+            torch.library.opcheck(op, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(lib, device):
+    q, k, v = sample_inputs((2, 4, 6, 9, 7), device=device, dtype=torch.float32, requires_grad=True)
+
+    def head(q, k, v):
+        return (ops.criss_cross_attention(q, k, v, implementation="compiled") * 2.0 + v).square().mean()
+
+    compiled = torch.compile(head, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = head(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _bad_inputs():
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(2, 3, 4, 5, **f64)
+    v = torch.randn(2, 6, 4, 5, **f64)
+    return {
+        "rank": ((q[0], q[0], v[0]), ValueError, "4-D"),
+        "query/key shape": ((q, q[:, :2], v), ValueError, "same shape"),
+        "batch": ((q, q, v[:1]), ValueError, "agree in N, H and W"),
+        "height": ((q, q, v[:, :, :3]), ValueError, "agree in N, H and W"),
+        "width": ((q, q, v[..., :4]), ValueError, "agree in N, H and W"),
+        "dtype mix": ((q, q, v.float()), TypeError, "dtype"),
+        "integer": ((q.long(), q.long(), v.long()), TypeError, "floating-point"),
+        "empty": ((q[:, :, :0], q[:, :, :0], v[:, :, :0]), ValueError, "empty"),
+        "empty batch": ((q[:0], q[:0], v[:0]), ValueError, "empty"),
+        "device mix": ((q, q, v.to("meta")), ValueError, "device"),
+    }
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_input_raises_clear_error(lib, impl, case):
+    args, error, words = _bad_inputs()[case]
+    with pytest.raises(error, match=words):
+        ops.criss_cross_attention(*args, implementation=impl)
+
+
+def test_kernels_check_their_own_arguments(lib):
+    q, k, v = sample_inputs((1, 2, 3, 4, 5))
+    attn = torch.softmax(reference.energy(q, k), dim=1)
+    with pytest.raises(ValueError, match=r"needs \(N, H \+ W - 1, H, W\)"):
+        lib.cc_aggregate(attn[:, 1:], v)
+    with pytest.raises(ValueError, match="same shape"):
+        lib.cc_energy(q, k[:, :1])
+    with pytest.raises(TypeError, match="CPU kernels support float32 and float64"):
+        lib.cc_energy(q.half(), k.half())
+    with pytest.raises(TypeError, match="CPU kernels support"):
+        lib.cc_scatter(attn.int(), v.int())
+    with pytest.raises(ValueError, match="empty"):
+        lib.cc_aggregate(attn[:0], v[:0])
+    with pytest.raises(ValueError, match="4-D"):
+        lib.cc_energy(q[0], k[0])
+
+
+# --- the switch, the fallback and the build ----------------------------------------------------
+
+def test_switch_selects_the_implementation(lib):
+    q, k, v = sample_inputs((1, 2, 3, 4, 5))
+    with ops.use_implementation("reference"):
+        assert ops.get_implementation() == "reference"
+        with OpRecorder() as rec:
+            ops.criss_cross_attention(q, k, v)
+        assert not [n for n in rec.names if n.startswith("ccnet_ops")]
+    assert ops.get_implementation() == "compiled"
+    with OpRecorder() as rec:
+        ops.criss_cross_attention(q, k, v)
+    assert "ccnet_ops.cc_energy.default" in rec.names
+    with pytest.raises(ValueError, match="unknown criss-cross attention implementation"):
+        ops.set_implementation("fast")
+
+
+def test_environment_selects_the_implementation(monkeypatch):
+    monkeypatch.setattr(criss_cross, "_state", criss_cross._State())
+    monkeypatch.setenv("CCNET_OPS_IMPL", "reference")
+    assert ops.get_implementation() == "reference"
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken_build(**kwargs):
+        raise extension.BuildError("ninja: cc_attention.cpp:1: error: nvcc exploded")
+
+    monkeypatch.setattr(criss_cross, "_state", criss_cross._State())
+    monkeypatch.setattr(extension, "build", broken_build)
+    monkeypatch.setenv("CCNET_OPS_STRICT", "0")
+    q, k, v = sample_inputs((1, 2, 3, 4, 5))
+    with pytest.warns(RuntimeWarning) as record:
+        first = ops.criss_cross_attention(q, k, v)
+        ops.criss_cross_attention(q, k, v)
+    messages = [str(w.message) for w in record if "compiled" in str(w.message)]
+    assert len(messages) == 1 and "nvcc exploded" in messages[0] and "reference runs" in messages[0]
+    torch.testing.assert_close(first, reference.criss_cross_attention(q, k, v), atol=0, rtol=0)
+
+    monkeypatch.setenv("CCNET_OPS_STRICT", "1")
+    with pytest.raises(extension.BuildError, match="nvcc exploded"):
+        ops.criss_cross_attention(q, k, v)
+
+
+def test_cache_directory_is_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("CCNET_OPS_CACHE", str(tmp_path))
+    assert extension.cache_root() == tmp_path
+    assert extension.build_key(True) != extension.build_key(False)
+
+
+def test_build_command_reports_the_cached_library(lib):
+    result = subprocess.run([sys.executable, "-m", "ops.build"], capture_output=True, text=True,
+                            env=os.environ, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    library = result.stdout.split("library: ")[1].split()[0]
+    assert os.path.exists(library) and "built ccnet_ops" in result.stdout
