@@ -193,32 +193,40 @@ void column_mix_tile(const T* in, const T* attn, T* out, int64_t c_begin, int64_
 
 // Column part of cc_energy for query rows [y_begin, y_end) and SIMD columns [x0, x0 + nx):
 //   e[W + column_slot(k, y), y, x] = sum_c a[c, y, x] * b[c, k, x]      (k != y)
+// Both operands are packed channel-major first, so the inner loop reads contiguous memory.
 template <typename T, bool Full>
 void energy_column_tile(const T* a, const T* b, T* e, int64_t C, int64_t y_begin, int64_t y_end,
                         int64_t x0, int64_t nx, int64_t H, int64_t W) {
   using VT = Vec<T>;
   using V = typename VT::V;
-  constexpr int RY = 3, RK = 4;
-  const int64_t plane = H * W;
-  for (int64_t y0 = y_begin; y0 < y_end; y0 += RY) {
-    int64_t ys[RY];
-    for (int j = 0; j < RY; ++j) ys[j] = std::min<int64_t>(y0 + j, y_end - 1);
-    for (int64_t k0 = 0; k0 < H; k0 += RK) {
-      int64_t ks[RK];
-      for (int r = 0; r < RK; ++r) ks[r] = std::min<int64_t>(k0 + r, H - 1);
+  constexpr int RY = kWide == 2 ? 3 : 2, RK = kWide == 2 ? 6 : 4;
+  const int64_t plane = H * W, y_blocks = (y_end - y_begin + RY - 1) / RY;
+  std::vector<V> a_pack(y_blocks * C * RY), b_pack(C * RK);
+  for (int64_t yb = 0; yb < y_blocks; ++yb)
+    for (int64_t c = 0; c < C; ++c)
+      for (int j = 0; j < RY; ++j) {
+        const int64_t y = std::min<int64_t>(y_begin + yb * RY + j, y_end - 1);
+        a_pack[(yb * C + c) * RY + j] = VT::template load<Full>(a + c * plane + y * W + x0, nx);
+      }
+  for (int64_t k0 = 0; k0 < H; k0 += RK) {
+    int64_t ks[RK];
+    for (int r = 0; r < RK; ++r) ks[r] = std::min<int64_t>(k0 + r, H - 1);
+    for (int64_t c = 0; c < C; ++c)
+      for (int r = 0; r < RK; ++r) b_pack[c * RK + r] = VT::template load<Full>(b + c * plane + ks[r] * W + x0, nx);
+    for (int64_t yb = 0; yb < y_blocks; ++yb) {
       V acc[RY][RK] = {};
       for (int64_t c = 0; c < C; ++c) {
-        V av[RY], bv[RK];
-        for (int j = 0; j < RY; ++j) av[j] = VT::template load<Full>(a + c * plane + ys[j] * W + x0, nx);
-        for (int r = 0; r < RK; ++r) bv[r] = VT::template load<Full>(b + c * plane + ks[r] * W + x0, nx);
+        const V* av = &a_pack[(yb * C + c) * RY];
+        const V* bv = &b_pack[c * RK];
         for (int j = 0; j < RY; ++j)
           for (int r = 0; r < RK; ++r) acc[j][r] += av[j] * bv[r];
       }
+      const int64_t y0 = y_begin + yb * RY;
       const int64_t rows = std::min<int64_t>(RY, y_end - y0), cols = std::min<int64_t>(RK, H - k0);
       for (int j = 0; j < rows; ++j)
         for (int r = 0; r < cols; ++r)
-          if (ks[r] != ys[j])
-            VT::template store<Full>(e + column_weight_offset(ks[r], ys[j], x0, H, W), acc[j][r], nx);
+          if (ks[r] != y0 + j)
+            VT::template store<Full>(e + column_weight_offset(ks[r], y0 + j, x0, H, W), acc[j][r], nx);
     }
   }
 }
@@ -280,7 +288,7 @@ void parallel_rows(int64_t N, int64_t H, const F& f) {
   });
 }
 
-constexpr int64_t kChannelBlock = 32;  // channels per parallel work item of the column passes
+constexpr int64_t kChannelBlock = 32; // channels per parallel work item of the column passes
 
 at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_energy_args(a_in, b_in, "cc_energy");

@@ -29,16 +29,30 @@ inline unsigned int num_blocks(int64_t items) {
   return static_cast<unsigned int>(std::min<int64_t>(blocks, 1 << 20));  // grid-stride beyond
 }
 
+// A thread's work item: image n, group g (of slots or channels) and pixel (y, x), x fastest so
+// neighbouring threads read neighbouring addresses.
+struct Item {
+  int64_t n, g, y, x;
+};
+
+__device__ __forceinline__ Item decode(int64_t item, int64_t groups, int64_t H, int64_t W) {
+  const int64_t plane = H * W;
+  return {item / (plane * groups), (item / plane) % groups, (item / W) % H, item % W};
+}
+
+// Grid-stride loop over `items` work items.
+#define CC_FOR_EACH_ITEM(item, items)                                                  \
+  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < (items); \
+       item += int64_t(gridDim.x) * blockDim.x)
+
 // One thread per (n, slot group, y, x): e[n, s, y, x] = sum_c a[n, c, y, x] * b[n, c, p_s(y, x)].
 template <typename scalar_t>
 __global__ void energy_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                               scalar_t* __restrict__ e, int64_t N, int64_t C, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = num_slots(H, W), plane = H * W, groups = (L + kGroup - 1) / kGroup;
-  const int64_t items = N * groups * plane;
-  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < items;
-       item += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t x = item % W, y = (item / W) % H, g = (item / plane) % groups, n = item / (plane * groups);
+  CC_FOR_EACH_ITEM(item, N * groups * plane) {
+    const auto [n, g, y, x] = decode(item, groups, H, W);
     const int64_t s0 = g * kGroup;
     int64_t pix[kGroup];
 #pragma unroll
@@ -63,10 +77,8 @@ __global__ void aggregate_kernel(const scalar_t* __restrict__ w, const scalar_t*
                                  scalar_t* __restrict__ out, int64_t N, int64_t C, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = num_slots(H, W), plane = H * W, groups = (C + kGroup - 1) / kGroup;
-  const int64_t items = N * groups * plane;
-  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < items;
-       item += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t x = item % W, y = (item / W) % H, g = (item / plane) % groups, n = item / (plane * groups);
+  CC_FOR_EACH_ITEM(item, N * groups * plane) {
+    const auto [n, g, y, x] = decode(item, groups, H, W);
     const int64_t c0 = g * kGroup;
     const int64_t cn = C - c0 < kGroup ? C - c0 : kGroup;
     const scalar_t* wn = w + n * L * plane;
@@ -93,10 +105,8 @@ __global__ void scatter_kernel(const scalar_t* __restrict__ w, const scalar_t* _
                                scalar_t* __restrict__ r, int64_t N, int64_t C, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = num_slots(H, W), plane = H * W, groups = (C + kGroup - 1) / kGroup;
-  const int64_t items = N * groups * plane;
-  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < items;
-       item += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t x = item % W, k = (item / W) % H, grp = (item / plane) % groups, n = item / (plane * groups);
+  CC_FOR_EACH_ITEM(item, N * groups * plane) {
+    const auto [n, grp, k, x] = decode(item, groups, H, W);  // k: the key pixel's row
     const int64_t c0 = grp * kGroup;
     const int64_t cn = C - c0 < kGroup ? C - c0 : kGroup;
     const scalar_t* wn = w + n * L * plane;
