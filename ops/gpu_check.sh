@@ -17,7 +17,7 @@ echo "GPU: $gpu -> $out"
 $PY -m ops.build --cuda 2>&1 | tee "$out/build.txt"
 $PY -m pytest -q -m gpu tests/test_ops.py 2>&1 | tee "$out/tests.txt"
 
-small='python -m ops.bench --device cuda --shape small --dtype float32 --dtype float16 --dtype bfloat16 --repeat 1 --warmup 0'
+small="$PY -m ops.bench --device cuda --shape small --dtype float32 --dtype float16 --dtype bfloat16 --repeat 1 --warmup 0"
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 1 $small 2>&1 | tail -n 20 | tee "$out/memcheck.txt"
 else
