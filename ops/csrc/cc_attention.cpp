@@ -288,7 +288,7 @@ void parallel_rows(int64_t N, int64_t H, const F& f) {
   });
 }
 
-constexpr int64_t kChannelBlock = 32; // channels per parallel work item of the column passes
+constexpr int64_t kChannelBlock = 32;  // channels per parallel work item of the column passes
 
 at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_energy_args(a_in, b_in, "cc_energy");
