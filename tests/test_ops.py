@@ -111,6 +111,15 @@ def test_compiled_matches_reference_float32_cpu(lib, shape):
                      torch.float32)
 
 
+@pytest.mark.parametrize("blas", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_row_gemm_paths_match_reference(lib, monkeypatch, blas, dtype):
+    """The row slots run on PyTorch's BLAS, or on ATen's bmm where there is none: both agree."""
+    monkeypatch.setenv("CCNET_OPS_CPU_BLAS", blas)
+    q, k, v = sample_inputs((2, 4, 12, 9, 11), dtype=dtype, layout="sliced")
+    assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v), dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 512, 97, 97), (1, 3, 5, 1, 7)])

@@ -9,17 +9,23 @@
 // gradients are again primitives (d cc_energy: cc_aggregate and cc_scatter, and so on), so
 // the backward is built from registered ops (ops/criss_cross.py).
 //
-// The CPU kernels are small register-tiled GEMMs whose SIMD lanes run along x, the
-// contiguous dimension, so every load is a contiguous vector load.
+// On the CPU the row slots are BLAS GEMMs, one per image row; the column slots are
+// register-tiled kernels whose SIMD lanes run along x, the contiguous dimension, each lane a
+// small GEMM of its own over packed operands.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
+#include <limits>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512VL__)
 #include <immintrin.h>
@@ -108,85 +114,56 @@ inline void dispatch_full(bool full, const F& f) {
   }
 }
 
-// One image row as a GEMM with a scalar operand:
-//   out[m, x] = sum_t vec[t, x] * sc[m, t]        (m < M, t < T, x < X; x contiguous)
-// Serves the row part of cc_energy (m = key column i, t = channel) and of cc_aggregate
-// (m = channel, t = key column i). Rows past M are clamped and not stored.
-template <typename T>
-void row_gemm(const T* vec, int64_t vec_t, const T* sc, int64_t sc_m, int64_t sc_t, T* out,
-              int64_t out_m, int64_t M, int64_t Tn, int64_t X) {
-  using VT = Vec<T>;
-  using V = typename VT::V;
-  constexpr int RM = 6 * kWide, RX = 2;
-  constexpr int64_t VL = VT::kLanes;
-  std::vector<V> pack(Tn * RX);  // vec[:, x0 : x0 + RX * VL], contiguous and zero padded
-  for (int64_t x0 = 0; x0 < X; x0 += RX * VL) {
-    int64_t nx[RX];
-    for (int q = 0; q < RX; ++q) nx[q] = std::clamp<int64_t>(X - x0 - q * VL, 0, VL);
-    for (int64_t t = 0; t < Tn; ++t)
-      for (int q = 0; q < RX; ++q) pack[t * RX + q] = VT::load_part(vec + t * vec_t + x0 + q * VL, nx[q]);
-    for (int64_t m0 = 0; m0 < M; m0 += RM) {
-      const T* sc_row[RM];
-      for (int r = 0; r < RM; ++r) sc_row[r] = sc + std::min<int64_t>(m0 + r, M - 1) * sc_m;
-      V acc[RM][RX] = {};
-      for (int64_t t = 0; t < Tn; ++t) {
-        const V* xv = &pack[t * RX];
-        for (int r = 0; r < RM; ++r) {
-          const V s = VT::splat(sc_row[r][t * sc_t]);
-          for (int q = 0; q < RX; ++q) acc[r][q] += xv[q] * s;
-        }
-      }
-      const int64_t rows = std::min<int64_t>(RM, M - m0);
-      for (int r = 0; r < rows; ++r)
-        for (int q = 0; q < RX; ++q) VT::store_part(out + (m0 + r) * out_m + x0 + q * VL, acc[r][q], nx[q]);
-    }
-  }
-}
-
-// Column part of cc_aggregate (Scatter = false) and of cc_scatter (Scatter = true) for the
-// channels [c_begin, c_end) and the SIMD columns [x0, x0 + nx) of one image:
+// Column passes of cc_aggregate (Scatter = false) and cc_scatter (Scatter = true):
 //   out[c, m, x] += sum_{t != m} in[c, t, x] * weight(m, t)[x]
 // where weight links query row m to key row t (aggregate) or key row m to query row t
-// (scatter). The pair t == m has no column slot: it reads as zero.
+// (scatter); the pair t == m has no column slot and reads as zero. Every lane x is a small
+// GEMM of its own. The weights of one SIMD column tile are gathered once into a packed
+// (m block, t, m in block) buffer shared by all channels; the input is packed RC channels at
+// a time; so the inner loop reads only contiguous, aligned memory that stays in cache.
+constexpr int kMixRows = 3;  // RM: output rows per register tile
+
+// Reads the column slots of one SIMD column tile plane by plane, in memory order, into the
+// zero-initialised pack: entry (m / RM, t, m % RM) holds weight(m, t).
 template <typename T, bool Scatter, bool Full>
-void column_mix_tile(const T* in, const T* attn, T* out, int64_t c_begin, int64_t c_end,
-                     int64_t x0, int64_t nx, int64_t H, int64_t W) {
+void pack_column_weights(const T* attn, typename Vec<T>::V* pack, int64_t x0, int64_t nx,
+                         int64_t H, int64_t W) {
+  constexpr int RM = kMixRows;
+  for (int64_t j = 0; j < H - 1; ++j)
+    for (int64_t y = 0; y < H; ++y) {
+      const int64_t k = column_pixel(j, y);  // query row y reads key row k
+      const int64_t m = Scatter ? k : y, t = Scatter ? y : k;
+      pack[(m / RM * H + t) * RM + m % RM] = Vec<T>::template load<Full>(attn + attn_offset(W + j, y, x0, H, W), nx);
+    }
+}
+
+template <typename T, bool Full>
+void column_mix_tile(const T* in, const typename Vec<T>::V* w_pack, T* out, int64_t c_begin,
+                     int64_t c_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   using VT = Vec<T>;
   using V = typename VT::V;
-  constexpr int RC = 4 * kWide, RM = 3;
+  constexpr int RC = 4 * kWide, RM = kMixRows;
   const int64_t plane = H * W;
-  std::vector<V> pack(H * RM);  // the weights of RM rows m, gathered once for every channel
-  for (int64_t m0 = 0; m0 < H; m0 += RM) {
-    int64_t ms[RM];
-    for (int j = 0; j < RM; ++j) ms[j] = std::min<int64_t>(m0 + j, H - 1);
-    for (int64_t t = 0; t < H; ++t) {
-      for (int j = 0; j < RM; ++j) {
-        const int64_t m = ms[j];
-        pack[t * RM + j] = t == m ? VT::zero()
-                                  : VT::template load<Full>(
-                                        attn + (Scatter ? column_weight_offset(m, t, x0, H, W)
-                                                        : column_weight_offset(t, m, x0, H, W)),
-                                        nx);
-      }
-    }
-    for (int64_t c0 = c_begin; c0 < c_end; c0 += RC) {
-      const T* in_c[RC];
-      for (int r = 0; r < RC; ++r) in_c[r] = in + std::min<int64_t>(c0 + r, c_end - 1) * plane + x0;
+  std::vector<V> in_pack(H * RC);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += RC) {
+    for (int64_t t = 0; t < H; ++t)
+      for (int r = 0; r < RC; ++r)
+        in_pack[t * RC + r] = VT::template load<Full>(
+            in + std::min<int64_t>(c0 + r, c_end - 1) * plane + t * W + x0, nx);
+    const int64_t rows = std::min<int64_t>(RC, c_end - c0);
+    for (int64_t m0 = 0; m0 < H; m0 += RM) {
       V acc[RC][RM] = {};
-      for (int64_t t = 0; t < H; ++t) {
-        const V* wv = &pack[t * RM];
-        for (int r = 0; r < RC; ++r) {
-          const V iv = VT::template load<Full>(in_c[r] + t * W, nx);
-          for (int j = 0; j < RM; ++j) acc[r][j] += iv * wv[j];
-        }
-      }
-      const int64_t rows = std::min<int64_t>(RC, c_end - c0), cols = std::min<int64_t>(RM, H - m0);
-      for (int r = 0; r < rows; ++r) {
+      const V* wv = w_pack + m0 * H;
+      const V* iv = in_pack.data();
+      for (int64_t t = 0; t < H; ++t, wv += RM, iv += RC)
+        for (int r = 0; r < RC; ++r)
+          for (int j = 0; j < RM; ++j) acc[r][j] += iv[r] * wv[j];
+      const int64_t cols = std::min<int64_t>(RM, H - m0);
+      for (int r = 0; r < rows; ++r)
         for (int j = 0; j < cols; ++j) {
-          T* o = out + (c0 + r) * plane + ms[j] * W + x0;
+          T* o = out + (c0 + r) * plane + (m0 + j) * W + x0;
           VT::template store<Full>(o, VT::template load<Full>(o, nx) + acc[r][j], nx);
         }
-      }
     }
   }
 }
@@ -231,60 +208,84 @@ void energy_column_tile(const T* a, const T* b, T* e, int64_t C, int64_t y_begin
   }
 }
 
-// Row part of cc_scatter for image row y: a GEMM contracting over x, the SIMD dimension:
-//   r[c, y, i] = sum_x w[i, y, x] * g[c, y, x]
-template <typename T>
-void scatter_row(const T* w, const T* g, T* r, int64_t C, int64_t y, int64_t H, int64_t W) {
-  using VT = Vec<T>;
-  using V = typename VT::V;
-  constexpr int RC = 4, RI = 3;
-  constexpr int64_t VL = VT::kLanes;
-  const int64_t plane = H * W;
-  for (int64_t c0 = 0; c0 < C; c0 += RC) {
-    const T* g_c[RC];
-    for (int q = 0; q < RC; ++q) g_c[q] = g + std::min<int64_t>(c0 + q, C - 1) * plane + y * W;
-    for (int64_t i0 = 0; i0 < W; i0 += RI) {
-      const T* w_i[RI];
-      for (int j = 0; j < RI; ++j) w_i[j] = w + attn_offset(std::min<int64_t>(i0 + j, W - 1), y, 0, H, W);
-      V acc[RC][RI] = {};
-      for (int64_t x0 = 0; x0 < W; x0 += VL) {
-        const int64_t nx = std::min<int64_t>(VL, W - x0);
-        dispatch_full(nx == VL, [&](auto full) {
-          constexpr bool Full = decltype(full)::value;
-          V wv[RI];
-          for (int j = 0; j < RI; ++j) wv[j] = VT::template load<Full>(w_i[j] + x0, nx);
-          for (int q = 0; q < RC; ++q) {
-            const V gv = VT::template load<Full>(g_c[q] + x0, nx);
-            for (int j = 0; j < RI; ++j) acc[q][j] += gv * wv[j];
-          }
-        });
-      }
-      const int64_t rows = std::min<int64_t>(RC, C - c0), cols = std::min<int64_t>(RI, W - i0);
-      for (int q = 0; q < rows; ++q)
-        for (int j = 0; j < cols; ++j) r[(c0 + q) * plane + y * W + i0 + j] = VT::sum(acc[q][j]);
-    }
-  }
-}
-
-// Runs f(n, x0, nx, block) in parallel over images, SIMD columns and `blocks` blocks.
+// Runs f(n, x0, nx, block) in parallel over images, `blocks` blocks and SIMD column tiles,
+// tiles innermost: a thread's consecutive items then share the cache lines of their rows.
 template <typename T, typename F>
 void parallel_columns(int64_t N, int64_t W, int64_t blocks, const F& f) {
   constexpr int64_t VL = Vec<T>::kLanes;
   const int64_t tiles = (W + VL - 1) / VL;
   at::parallel_for(0, N * tiles * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = item % blocks, tile = (item / blocks) % tiles, n = item / (blocks * tiles);
+      const int64_t tile = item % tiles, block = (item / tiles) % blocks, n = item / (blocks * tiles);
       const int64_t x0 = tile * VL;
       f(n, x0, std::min<int64_t>(VL, W - x0), block);
     }
   });
 }
 
-// Runs f(n, y) in parallel over the image rows of all images.
-template <typename F>
-void parallel_rows(int64_t N, int64_t H, const F& f) {
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) f(item / H, item % H);
+// The row slots are plain GEMMs, one per image row y, on strided views (no copies):
+//   energy:    e[n, i, y, x] = sum_c b[n, c, y, i] * a[n, c, y, x]    E_y = B_y^T A_y
+//   aggregate: o[n, c, y, x] = sum_i v[n, c, y, i] * w[n, i, y, x]    O_y = V_y W_y
+//   scatter:   o[n, c, y, i] = sum_x g[n, c, y, x] * w[n, i, y, x]    O_y = G_y W_y^T
+// Every matrix is row-major with leading dimension H * W. They run on the BLAS that PyTorch
+// links (MKL, OpenBLAS), one sequential GEMM per row in parallel over rows; where PyTorch
+// exports no BLAS, or CCNET_OPS_CPU_BLAS=0 asks for it, ATen's bmm runs them.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+// Row-major out (m x n) = op(lhs) (m x k) * op(rhs) (k x n), every leading dimension ld; BLAS
+// is column-major, so it computes out^T = op(rhs)^T op(lhs)^T.
+template <typename T>
+void blas_gemm(bool t_lhs, bool t_rhs, int m, int n, int k, const T* lhs, const T* rhs, T* out, int ld) {
+  const char ta = t_rhs ? 'T' : 'N', tb = t_lhs ? 'T' : 'N';
+  const T one = 1, zero = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&ta, &tb, &n, &m, &k, &one, rhs, &ld, lhs, &ld, &zero, out, &ld);
+  } else {
+    dgemm_(&ta, &tb, &n, &m, &k, &one, rhs, &ld, lhs, &ld, &zero, out, &ld);
+  }
+}
+
+// out_y = op(lhs_y) op(rhs_y) for every image and row y, where out, lhs and rhs are (N, *, H, W)
+// tensors (possibly narrowed along dim 1) whose dims 2 and 3 are contiguous, and the matrices
+// of row y are their (dim 1, dim 3) slices at row y, transposed as asked.
+void row_gemms(const at::Tensor& out, const at::Tensor& lhs, bool t_lhs, const at::Tensor& rhs,
+               bool t_rhs) {
+  const int64_t N = out.size(0), H = out.size(2), W = out.size(3);
+  const int64_t m = t_lhs ? lhs.size(3) : lhs.size(1), k = t_lhs ? lhs.size(1) : lhs.size(3);
+  const int64_t n = t_rhs ? rhs.size(1) : rhs.size(3);
+  const char* env = std::getenv("CCNET_OPS_CPU_BLAS");
+  const bool blas = !(env && std::string_view(env) == "0") &&
+                    (out.scalar_type() == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) &&
+                    std::max({m, n, k, H * W}) <= std::numeric_limits<int>::max();
+  if (!blas) {
+    const auto view = [](const at::Tensor& t, bool trans) {  // (N, H, rows, cols) per image row
+      const at::Tensor r = t.transpose(1, 2);
+      return trans ? r.transpose(2, 3) : r;
+    };
+    const at::Tensor l = view(lhs, t_lhs), r = view(rhs, t_rhs);
+    for (int64_t i = 0; i < N; ++i) {
+      at::Tensor o = out[i].transpose(0, 1);
+      at::bmm_out(o, l[i], r[i]);
+    }
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "cc_row_gemms", [&] {
+    const scalar_t *pl = lhs.const_data_ptr<scalar_t>(), *pr = rhs.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    const int64_t sl = lhs.stride(0), sr = rhs.stride(0), so = out.stride(0);
+    at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t i = item / H, y = item % H;
+        blas_gemm<scalar_t>(t_lhs, t_rhs, m, n, k, pl + i * sl + y * W, pr + i * sr + y * W,
+                            po + i * so + y * W, H * W);
+      }
+    });
   });
 }
 
@@ -295,15 +296,11 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
+  row_gemms(e.narrow(1, 0, W), b, /*t_lhs=*/true, a, /*t_rhs=*/false);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cc_energy_cpu", [&] {
     const scalar_t *pa = a.const_data_ptr<scalar_t>(), *pb = b.const_data_ptr<scalar_t>();
     scalar_t* pe = e.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
-    // Row slots: e[i, y, x] = sum_c a[c, y, x] * b[c, y, i].
-    parallel_rows(N, H, [&](int64_t n, int64_t y) {
-      row_gemm<scalar_t>(pa + n * feat + y * W, H * W, pb + n * feat + y * W, 1, H * W,
-                         pe + n * map + y * W, H * W, W, C, W);
-    });
     if (H == 1) return;  // a single row has no column slots
     constexpr int64_t kRowsPerItem = 12;
     parallel_columns<scalar_t>(N, W, (H + kRowsPerItem - 1) / kRowsPerItem,
@@ -326,25 +323,29 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
   const at::Tensor w = w_in.contiguous(), f = f_in.contiguous();
   const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), L = num_slots(H, W);
   at::Tensor out = at::empty_like(f);
+  row_gemms(out, f, /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "cc_mix_cpu", [&] {
     const scalar_t *pw = w.const_data_ptr<scalar_t>(), *pf = f.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
-    parallel_rows(N, H, [&](int64_t n, int64_t y) {
-      if (Scatter) {
-        scatter_row<scalar_t>(pw + n * map, pf + n * feat, po + n * feat, C, y, H, W);
-      } else {  // out[c, y, x] = sum_i w[i, y, x] * f[c, y, i]
-        row_gemm<scalar_t>(pw + n * map + y * W, H * W, pf + n * feat + y * W, H * W, 1,
-                           po + n * feat + y * W, H * W, C, W, W);
-      }
-    });
     if (H == 1) return;
+    using VT = Vec<scalar_t>;
+    const int64_t tiles = (W + VT::kLanes - 1) / VT::kLanes;
+    const int64_t tile_pack = (H + kMixRows - 1) / kMixRows * kMixRows * H;  // vectors
+    std::vector<typename VT::V> w_pack(N * tiles * tile_pack, VT::zero());
+    parallel_columns<scalar_t>(N, W, 1, [&](int64_t n, int64_t x0, int64_t nx, int64_t) {
+      dispatch_full(nx == VT::kLanes, [&](auto full) {
+        pack_column_weights<scalar_t, Scatter, decltype(full)::value>(
+            pw + n * map, &w_pack[(n * tiles + x0 / VT::kLanes) * tile_pack], x0, nx, H, W);
+      });
+    });
     parallel_columns<scalar_t>(N, W, (C + kChannelBlock - 1) / kChannelBlock,
                                [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
       const int64_t c0 = block * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-      dispatch_full(nx == Vec<scalar_t>::kLanes, [&](auto full) {
-        column_mix_tile<scalar_t, Scatter, decltype(full)::value>(pf + n * feat, pw + n * map,
-                                                                  po + n * feat, c0, c1, x0, nx, H, W);
+      dispatch_full(nx == VT::kLanes, [&](auto full) {
+        column_mix_tile<scalar_t, decltype(full)::value>(
+            pf + n * feat, &w_pack[(n * tiles + x0 / VT::kLanes) * tile_pack], po + n * feat, c0, c1,
+            x0, nx, H, W);
       });
     });
   });
