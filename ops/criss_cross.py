@@ -197,3 +197,21 @@ def _register_python_side() -> None:
         name = f"{extension.LIBRARY}::{op}"
         torch.library.register_fake(name)(fake)
         torch.library.register_autograd(name, backward, setup_context=_save_inputs)
+    _register_flop_formulas()
+
+
+def _register_flop_formulas() -> None:
+    """FLOPs for ``torch.utils.flop_counter``: each op is one multiply-add per (n, c, slot, pixel)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    lib = getattr(torch.ops, extension.LIBRARY)
+
+    @register_flop_formula(lib.cc_energy)
+    def _energy_flops(a_shape, b_shape, *args, **kwargs) -> int:
+        N, C, H, W = a_shape
+        return 2 * N * C * H * W * (H + W - 1)
+
+    @register_flop_formula([lib.cc_aggregate, lib.cc_scatter])
+    def _mix_flops(w_shape, f_shape, *args, **kwargs) -> int:
+        N, L, H, W = w_shape
+        return 2 * N * f_shape[1] * H * W * L
