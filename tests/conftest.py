@@ -44,3 +44,18 @@ def sample_inputs(
         return t.requires_grad_(requires_grad)
 
     return make(Cq), make(Cq), make(C)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session; yields its address.
+
+    4 CPUs declared on this 2-core machine: training workers and Ray Data then both get slots.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
+                 runtime_env={"env_vars": {"CCNET_OPS_STRICT": os.environ.get("CCNET_OPS_STRICT", "1")}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
