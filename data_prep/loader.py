@@ -1,13 +1,13 @@
 """Ray Data datasets over the shards: decoding and paired augmentation on the workers.
 
-    ds = training_dataset("data/synthetic", "train", augment=AugmentConfig(crop=64), seed=0, epoch=3)
+    ds = training_dataset("data/synthetic", "train", augment=AugmentConfig(crop=64), seed=0, epoch=3, epochs=10)
     ev = eval_dataset("data/synthetic", "val")
 
 The shards are checked against the manifest's sha256 before anything is read. The training
-dataset is shuffled with ``random_shuffle(seed)``, the seed derived from (seed, epoch), in a
-fixed order (``preserve_order`` on this dataset's context), and each
-sample's augmentation draws from a generator seeded by (seed, epoch, key): an epoch is
-reproducible from the seed, and every epoch differs from the last.
+dataset shuffles shards and the rows within each shard from (seed, epoch), streaming one shard per
+task (``preserve_order`` on the dataset's own context keeps that order), and each sample's
+augmentation draws from a generator seeded by (seed, epoch, key): an epoch is reproducible from
+the seed, and every epoch differs from the last.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import zlib
 import cv2
 import numpy as np
 
-from .shards import read_manifest, shard_paths, verify_shards
+from .shards import read_manifest, resolve, shard_paths, verify_shards
 from .sources.base import decode_label
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, training_transform
 
@@ -83,13 +83,40 @@ def eval_batch(batch: dict, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     return {"key": np.asarray(batch["key"]), "image": images, "label": labels}
 
 
-def training_dataset(location: str, split: str, *, augment: AugmentConfig, seed: int, epoch: int,
-                     batch_size: int = 16):
-    """Shuffled (seed, epoch) and augmented rows: key, image (3, crop, crop) float32, label uint8."""
-    ds = split_dataset(location, split).random_shuffle(seed=seed * 100_003 + epoch)
+def _shard_batch(batch: dict, *, augment: AugmentConfig, seed: int) -> dict:
+    """One (epoch, shard) item -> the shard's rows in a seeded order, decoded and augmented."""
+    import pyarrow.parquet as pq
+
+    epoch, path, location = int(batch["epoch"][0]), str(batch["shard"][0]), str(batch["location"][0])
+    fs, _ = resolve(location)
+    table = pq.read_table(path, filesystem=fs, columns=["key", "image", "label"])
+    order = np.random.default_rng((seed, epoch, zlib.crc32(path.encode()))).permutation(table.num_rows)
+    rows = table.take(order).to_pydict()
+    return augment_batch(rows, augment=augment, seed=seed, epoch=epoch)
+
+
+def training_dataset(location: str, split: str, *, augment: AugmentConfig, seed: int, epoch: int = 0,
+                     epochs: int = 1):
+    """Epochs [epoch, epoch + epochs) of augmented rows: key, image (3, crop, crop) float32, label uint8.
+
+    Each epoch visits the shards in an order drawn from (seed, epoch) and the rows of a shard in
+    an order drawn from (seed, epoch, shard); one shard is read per task, so any number of epochs
+    streams through in the memory of a few shards.
+    """
+    import ray.data
+
+    manifest = load_manifest(location)
+    verify_shards(location, manifest, [split])
+    _, paths = shard_paths(location, manifest, split)
+    if not paths:
+        raise ValueError(f"split {split!r} under {location} has no samples")
+    items = [{"epoch": e, "shard": paths[i], "location": location}
+             for e in range(epoch, epoch + epochs)
+             for i in np.random.default_rng((seed, e)).permutation(len(paths))]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds.context.execution_options.preserve_order = True  # this dataset only: the seed fixes the order
-    return ds.map_batches(augment_batch, fn_kwargs={"augment": augment, "seed": seed, "epoch": epoch},
-                          batch_format="numpy", batch_size=batch_size)
+    return ds.map_batches(_shard_batch, fn_kwargs={"augment": augment, "seed": seed}, batch_size=1,
+                          batch_format="numpy")
 
 
 def eval_dataset(location: str, split: str, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):

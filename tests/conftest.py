@@ -55,7 +55,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="warning",
                  runtime_env={"env_vars": {"CCNET_OPS_STRICT": os.environ.get("CCNET_OPS_STRICT", "1")}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

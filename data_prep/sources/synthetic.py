@@ -25,10 +25,10 @@ import dataclasses
 
 import numpy as np
 
-from .base import IGNORE_INDEX, DatasetInfo, Sample, SampleRef, encode_png
+from .base import DatasetInfo, Sample, SampleRef, encode_png
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-KEY_WIDTH = 4
+KEY_WIDTH = 8  # one feature cell at output stride 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +58,12 @@ def class_colors(num_classes: int) -> np.ndarray:
 
 
 def _spans(rng: np.random.Generator, lo: int, hi: int, count: int) -> list[tuple[int, int]]:
-    """Up to count disjoint [a, b) spans of 6..20 pixels inside [lo, hi), separated by 2 px."""
+    """Up to count disjoint [a, b) spans of 8..24 pixels inside [lo, hi), separated by 2 px."""
     spans, start = [], lo
     for _ in range(count):
-        if hi - start < 8:
+        if hi - start < 10:
             break
-        length = int(rng.integers(6, min(20, hi - start - 2) + 1))
+        length = int(rng.integers(8, min(24, hi - start - 2) + 1))
         a = int(rng.integers(start, hi - length + 1))
         spans.append((a, a + length))
         start = a + length + 2
@@ -81,7 +81,7 @@ def generate(cfg: SyntheticConfig, split: str, index: int) -> tuple[np.ndarray, 
     colors = class_colors(K)
     for a, b in across:
         cls = int(rng.integers(1, K))
-        length = int(rng.integers(8, S - cfg.gap + 1))
+        length = int(rng.integers(min(16, S - cfg.gap), S - cfg.gap + 1))
         c0 = int(rng.integers(cfg.gap, S - length + 1))  # along the other axis, gap from the key
         obj = (slice(a, b), slice(c0, c0 + length)) if by_rows else (slice(c0, c0 + length), slice(a, b))
         key = (slice(a, b), slice(0, KEY_WIDTH)) if by_rows else (slice(0, KEY_WIDTH), slice(a, b))
@@ -89,7 +89,7 @@ def generate(cfg: SyntheticConfig, split: str, index: int) -> tuple[np.ndarray, 
         image[obj] = 170 + 20 * np.sign(rng.standard_normal(shape[:2]))[..., None]  # object texture
         label[obj] = cls
         image[key] = colors[cls]
-        label[key] = IGNORE_INDEX
+        label[key] = cls
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 

@@ -1,0 +1,69 @@
+"""Self-describing checkpoints: everything needed to rebuild, resume or serve the model.
+
+A checkpoint is one ``checkpoint.pt`` holding plain data only (the pipeline config as a dict, the
+class names, the model, optimizer and scheduler state dicts, the iteration and the metrics), so
+it loads with ``torch.load(..., weights_only=True)``: a file that would run code when unpickled
+is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ccnet import build_ccnet
+
+from .config import PipelineConfig, from_dict, to_dict
+
+FILENAME = "checkpoint.pt"
+
+
+def model_from_config(cfg: PipelineConfig, num_classes: int, *, pretrained: bool = True) -> nn.Module:
+    m = cfg.model
+    return build_ccnet(num_classes, backbone=m.backbone, recurrence=m.recurrence, share_weights=m.share_weights,
+                       attention=m.attention, aux=m.aux, head_channels=m.head_channels,
+                       pretrained=m.pretrained if pretrained else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(directory: str | Path, *, cfg: PipelineConfig, classes: list[str], model: nn.Module,
+                    palette: list | None = None, optimizer=None, scheduler=None, iteration: int,
+                    metrics: dict | None = None) -> Path:
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    payload = {
+        "config": to_dict(cfg), "classes": list(classes),
+        "palette": [list(map(int, c)) for c in palette] if palette else None, "model": state, "iteration": int(iteration),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    path = Path(directory) / FILENAME
+    torch.save(payload, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents; ``path`` is the file or its directory. Never runs pickled code."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError (or others) for unsafe or broken files
+        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint "
+                         f"(torch.load weights_only=True failed: {str(exc).splitlines()[0]})") from None
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[nn.Module, PipelineConfig]:
+    """The model of a loaded checkpoint, in eval mode, and its config."""
+    cfg = from_dict(ckpt["config"])
+    model = model_from_config(cfg, len(ckpt["classes"]), pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg

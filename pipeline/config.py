@@ -1,0 +1,207 @@
+"""The pipeline's configuration: typed dataclasses, YAML presets, ``key.sub=value`` overrides.
+
+    cfg = load_config("configs/cityscapes_r101.yaml", ["train.iterations=1000", "model.recurrence=1"])
+
+OmegaConf's structured configs check every key and type against the dataclasses when the
+preset and the overrides are merged, so an unknown key or a wrong type stops the run before
+any Ray work, with a message naming it. Inside Ray workers the config travels as a plain dict
+(``to_dict``) and becomes the dataclass again on the first line (``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "synthetic"  # cityscapes | ade20k | voc | folder | synthetic
+    root: str | None = None  # raw dataset root (not for synthetic)
+    prepared: str | None = None  # shard directory or URI; default: under the run directory
+    classes: str | None = None  # folder source: class list file
+    shard_size: int = 64
+    max_rejected: float | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    synthetic_train: int = 256
+    synthetic_val: int = 64
+    synthetic_size: int = 96
+    synthetic_classes: int = 5
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    backbone: str = "tiny"
+    recurrence: int = 2
+    share_weights: bool = True
+    attention: str = "cca"  # cca | non_local
+    aux: bool = True
+    head_channels: int | None = None
+    pretrained: str | None = None  # backbone weights file, or "hub"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    iterations: int = 2000
+    batch_size: int = 8  # per worker
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    crop: int = 96
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    flip: bool = False
+    jitter: bool = False
+    aux_weight: float = 0.4
+    ohem: bool = False
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+    sync_bn: bool = False
+    amp: str = "none"  # none | bf16 | fp16 (GPU only)
+    val_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    max_failures: int = 2
+
+
+@dataclasses.dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    mode: str = "whole"  # whole | slide
+    crop: int = 769
+    stride: int = 513
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    overlays: int = 4  # validation images drawn with their predictions
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "ccnet"
+    model_name: str = "ccnet"
+    alias: str = "champion"
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    name: str = "default"
+    run_dir: str = "runs"  # step outputs, keyed by a hash of their inputs
+    storage: str | None = None  # Ray Train storage (a shared path or URI on clusters); default under run_dir
+    ray_address: str | None = None  # None: start Ray locally; "auto": join a cluster
+    num_cpus: int | None = None  # for a local Ray
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "data.source": ("cityscapes", "ade20k", "voc", "folder", "synthetic"),
+    "model.attention": ("cca", "non_local"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "eval.mode": ("whole", "slide"),
+}
+
+
+def _check(cfg: PipelineConfig) -> None:
+    from ccnet.backbone import BACKBONES
+
+    flat = flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r}: choose one of {allowed}")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r}: choose one of {sorted(BACKBONES)}")
+    positive = ["train.iterations", "train.batch_size", "train.crop", "train.val_every", "train.log_every",
+                "scaling.num_workers", "data.shard_size"]
+    for key in positive:
+        if flat[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
+    if cfg.model.recurrence < 0:
+        raise ConfigError(f"model.recurrence must be >= 0, got {cfg.model.recurrence}")
+    if not 0 < cfg.train.scale_min <= cfg.train.scale_max:
+        raise ConfigError("train.scale_min and train.scale_max must satisfy 0 < min <= max")
+    if cfg.data.source != "synthetic" and not cfg.data.root and not cfg.data.prepared:
+        raise ConfigError(f"data.root is required for data.source={cfg.data.source!r}")
+    if cfg.train.amp != "none" and not cfg.scaling.use_gpu:
+        raise ConfigError(f"train.amp={cfg.train.amp!r} needs scaling.use_gpu=true")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """The default config, updated by the preset at path (a file, or a name under configs/) and
+    by ``key.sub=value`` overrides; raises ConfigError naming any bad key or value."""
+    try:
+        merged = OmegaConf.structured(PipelineConfig)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
+                p = CONFIG_DIR / f"{path}.yaml"
+            if not p.is_file():
+                raise ConfigError(f"config file {path} not found (presets: {presets()})")
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc)) from None
+    _check(cfg)
+    return cfg
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not in" in msg:
+        return f"unknown key {key!r}: {msg}"
+    return f"{key}: {msg}" if key else msg
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def to_dict(cfg: PipelineConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> PipelineConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineConfig), d))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def digest(*parts) -> str:
+    """A short stable hash of JSON-able parts: the key of a step's output directory."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,186 @@
+"""The pipeline as a DAG of Ray tasks: prepare -> train -> evaluate -> register.
+
+Each step is a Ray task that receives the previous step's result as an ObjectRef and writes its
+output under ``<run_dir>/<step>-<key>``, the key a hash of the step's inputs and of the config
+it reads. A step whose directory holds ``result.json`` is complete and is skipped on a rerun
+(unless the run starts from it, ``start``); ``only`` runs a single step over the results of
+the earlier ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ray
+
+from .config import PipelineConfig, digest, from_dict, to_dict
+
+STEPS = ("prepare", "train", "evaluate", "register")
+RESULT = "result.json"
+
+
+def step_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """Each step's key: its own config and the keys of the steps it depends on."""
+    d = to_dict(cfg)
+    keys = {"prepare": digest("prepare", d["data"])}
+    keys["train"] = digest("train", keys["prepare"], d["model"], d["train"], d["scaling"]["num_workers"])
+    keys["evaluate"] = digest("evaluate", keys["train"], d["eval"])
+    keys["register"] = digest("register", keys["evaluate"], d["tracking"])
+    return keys
+
+
+def step_dir(cfg: PipelineConfig, step: str, key: str) -> Path:
+    return Path(cfg.run_dir).resolve() / f"{step}-{key}"
+
+
+def completed(directory: Path) -> dict | None:
+    path = directory / RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finish(directory: Path, result: dict) -> dict:
+    tmp = directory / f"{RESULT}.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, directory / RESULT)
+    return result
+
+
+def _step(name: str):
+    """Wraps a step body: skip when complete (and not forced), else run and record."""
+    def decorate(body):
+        @ray.remote(num_cpus=0, max_retries=0)
+        def task(cfg_dict: dict, directory: str, force: bool, ctx: dict, upstream: dict | None):
+            d = Path(directory)
+            if not force and (done := completed(d)) is not None:
+                print(f"[{name}] complete, skipped ({d})", flush=True)
+                return {**done, "skipped": True}
+            if force and d.exists():
+                (d / RESULT).unlink(missing_ok=True)
+            d.mkdir(parents=True, exist_ok=True)
+            print(f"[{name}] running ({d})", flush=True)
+            return {**finish(d, body(from_dict(cfg_dict), d, ctx, upstream)), "skipped": False}
+        task.__name__ = name
+        return task
+    return decorate
+
+
+@_step("prepare")
+def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dict:
+    from data_prep.__main__ import source_from_args
+    from data_prep.prepare import prepare
+    from data_prep.shards import verify_shards
+
+    import argparse
+
+    data = cfg.data
+    args = argparse.Namespace(source=data.source, root=data.root, classes=data.classes,
+                              synthetic_train=data.synthetic_train, synthetic_val=data.synthetic_val,
+                              synthetic_size=data.synthetic_size, synthetic_classes=data.synthetic_classes,
+                              seed=data.seed)
+    out = data.prepared or str(d / "shards")
+    source, desc = source_from_args(args)
+    manifest = prepare(source, out, source_desc=desc, splits=[data.train_split, data.val_split],
+                       shard_size=data.shard_size, max_rejected=data.max_rejected, progress=False)
+    verify_shards(out, manifest)
+    counts = {s: e["samples"] for s, e in manifest["splits"].items()}
+    rejected = sum(len(e["rejected"]) for e in manifest["splits"].values())
+    _log(ctx, metrics={"data_rejected": rejected} | {f"data_{s}_samples": n for s, n in counts.items()})
+    return {"prepared": out, "samples": counts, "rejected": rejected}
+
+
+@_step("train")
+def train_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
+    from data_prep.loader import load_manifest
+    from data_prep.shards import verify_shards
+
+    from .train import best_and_latest, fit
+
+    prepared = upstream["prepared"]
+    manifest = load_manifest(prepared)
+    verify_shards(prepared, manifest)  # a damaged shard stops the run here, naming the file
+    storage = cfg.storage or str(Path(cfg.run_dir).resolve() / "ray_storage")
+    result = fit(cfg, prepared, manifest, storage=storage, name=d.name, tracking_uri=ctx["uri"],
+                 run_id=ctx["run_id"])
+    if result.error:
+        raise result.error
+    best, latest, metrics = best_and_latest(result)
+    final = d / "final_checkpoint"
+    shutil.copytree(best, final, dirs_exist_ok=True)
+    return {"prepared": prepared, "checkpoint": str(final), "latest": str(latest),
+            "val_miou": metrics.get("val_miou"), "iteration": metrics.get("iteration")}
+
+
+@_step("evaluate")
+def evaluate_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
+    from .evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(upstream["checkpoint"], upstream["prepared"], cfg.data.val_split, cfg, d)
+    metrics = {"eval_miou": result["miou"], "eval_pixel_accuracy": result["pixel_accuracy"]}
+    metrics |= {f"eval_iou/{c}": v for c, v in result["iou"].items() if v is not None}
+    config_path = d / "config.yaml"
+    from omegaconf import OmegaConf
+
+    config_path.write_text(OmegaConf.to_yaml(to_dict(cfg)))
+    _log(ctx, metrics=metrics, artifacts=[(d / "iou.md", "evaluation"), (d / "confusion.png", "evaluation"),
+                                          (d / "metrics.json", "evaluation"), (d / "overlays", "evaluation/overlays"),
+                                          (config_path, ""), (Path(upstream["checkpoint"]), "checkpoint")])
+    return {**upstream, "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"], "evaluation": str(d)}
+
+
+@_step("register")
+def register_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
+    import numpy as np
+
+    from .register import register_model
+
+    size = cfg.data.synthetic_size if cfg.data.source == "synthetic" else 64
+    example = np.zeros((1, size, size, 3), np.uint8)
+    reg = register_model(uri=ctx["uri"], run_id=ctx["run_id"], checkpoint=upstream["checkpoint"],
+                         model_name=cfg.tracking.model_name, alias=cfg.tracking.alias, miou=upstream["miou"],
+                         input_example=example)
+    return {**upstream, **reg}
+
+
+def _log(ctx: dict, metrics: dict | None = None, artifacts: list | None = None) -> None:
+    from .tracking import client
+
+    c = client(ctx["uri"])
+    for k, v in (metrics or {}).items():
+        c.log_metric(ctx["run_id"], k, float(v))
+    for path, where in artifacts or []:
+        if path.is_dir():
+            c.log_artifacts(ctx["run_id"], str(path), where)
+        else:
+            c.log_artifact(ctx["run_id"], str(path), where or None)
+
+
+TASKS = {"prepare": prepare_step, "train": train_step, "evaluate": evaluate_step, "register": register_step}
+
+
+def run_dag(cfg: PipelineConfig, ctx: dict, *, start: str | None = None, only: str | None = None) -> dict:
+    """Chains the steps as Ray tasks; returns {step: result}."""
+    for opt, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in STEPS:
+            raise ValueError(f"{opt} {value!r}: choose one of {STEPS}")
+    keys = step_keys(cfg)
+    cfg_dict = to_dict(cfg)
+    refs, upstream = {}, None
+    for i, step in enumerate(STEPS):
+        directory = step_dir(cfg, step, keys[step])
+        forced = (start is not None and i >= STEPS.index(start)) or only == step
+        if only is not None and step != only:
+            if STEPS.index(step) < STEPS.index(only):
+                done = completed(directory)
+                if done is None:
+                    raise ValueError(f"--only {only}: the earlier step {step!r} has not completed "
+                                     f"({directory}); run the pipeline first")
+                upstream = done
+            continue
+        task = TASKS[step]
+        if step == "evaluate":  # inference runs in the task itself: on a GPU when training has them
+            task = task.options(num_gpus=1) if cfg.scaling.use_gpu else task.options(num_cpus=1)
+        upstream = refs[step] = task.remote(cfg_dict, str(directory), forced, ctx, upstream)
+    return dict(zip(refs, ray.get(list(refs.values()))))

@@ -1,0 +1,111 @@
+"""Run the whole pipeline: prepare -> train -> evaluate -> register, on Ray, tracked in MLflow.
+
+    python -m pipeline.run                                  # the embedded default (synthetic, CPU)
+    python -m pipeline.run --config cityscapes_r101         # a preset under configs/, or a YAML file
+    python -m pipeline.run model.recurrence=0 train.iterations=500     # key.sub=value overrides
+    python -m pipeline.run --from train                     # rerun from a step
+    python -m pipeline.run --only evaluate                  # run one step over earlier results
+
+Completed steps are skipped on a rerun; an interrupted training resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .config import ConfigError, PipelineConfig, load_config, presets
+from .dag import STEPS, run_dag, step_keys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. train.iterations=500 model.backbone=resnet50")
+    p.add_argument("--config", default="default", help=f"a YAML file or a preset: {', '.join(presets())}")
+    p.add_argument("--from", dest="start", choices=STEPS, help="rerun this step and the ones after it")
+    p.add_argument("--only", choices=STEPS, help="run only this step (earlier ones must be complete)")
+    return p.parse_args(argv)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Ray, quietly: the pipeline's own lines stay readable."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        quiet = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                 "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the driver once, not twice
+                 "PYTHONWARNINGS": "ignore::UserWarning"}
+        ray.init(address=cfg.ray_address, num_cpus=cfg.num_cpus if cfg.ray_address is None else None,
+                 include_dashboard=True, dashboard_host="127.0.0.1",  # Ray Train's state queries need it
+                 logging_level="warning", log_to_driver=True,
+                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
+                 runtime_env={"env_vars": quiet})
+
+
+def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict:
+    """Runs the DAG for cfg; returns each step's result."""
+    from .tracking import parent_run, tracking_uri
+
+    init_ray(cfg)
+    uri = tracking_uri(cfg)
+    key = step_keys(cfg)["register"]
+    run_id = parent_run(cfg, uri, key)
+    from .tracking import client
+
+    try:
+        results = run_dag(cfg, {"uri": uri, "run_id": run_id}, start=start, only=only)
+    except BaseException:
+        client(uri).set_terminated(run_id, status="FAILED")
+        raise
+    client(uri).set_terminated(run_id, status="FINISHED")
+    return {**results, "_run": {"run_id": run_id, "uri": uri}}
+
+
+def summary(results: dict, seconds: float) -> str:
+    run = results["_run"]
+    lines = [f"\npipeline finished in {seconds:.0f} s"]
+    if "evaluate" in results:
+        ev = results["evaluate"]
+        lines.append(f"  mIoU {ev['miou']:.4f} (pixel accuracy {ev['pixel_accuracy']:.4f}) on the validation split")
+        lines.append(f"  evaluation: {ev['evaluation']}")
+    if "train" in results:
+        lines.append(f"  checkpoint: {results['train']['checkpoint']}")
+    if "register" in results:
+        reg = results["register"]
+        lines.append(f"  model: models:/{reg['name']}/{reg['version']}"
+                     + (f" (alias @{reg['alias']} now points here)" if reg["alias_moved"] else
+                        f" (alias @{reg['alias']} kept on version {reg['previous']}, which scores higher)"))
+    for step in STEPS:
+        if step in results:
+            lines.append(f"  {step}: {'skipped (complete)' if results[step].get('skipped') else 'ran'}")
+    lines.append(f"  MLflow run {run['run_id']} at {run['uri']}")
+    if run["uri"].startswith("sqlite:///"):
+        db_dir = os.path.dirname(run["uri"][len("sqlite:///"):])
+        lines.append(f"  browse: cd {db_dir} && mlflow ui --backend-store-uri {run['uri']} --host 127.0.0.1")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    start = time.time()
+    results = run(cfg, start=args.start, only=args.only)
+    print(summary(results, time.time() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

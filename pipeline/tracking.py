@@ -1,0 +1,77 @@
+"""MLflow: the tracking URI, the pipeline's parent run, metric logging from rank 0.
+
+The URI defaults to an absolute ``sqlite:///<cwd>/mlflow.db`` (absolute because Ray workers run
+in other directories), so ``mlflow ui`` started in the same directory shows the runs;
+``tracking.tracking_uri`` in the config or ``MLFLOW_TRACKING_URI`` point elsewhere (a server on
+a cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .config import PipelineConfig, flatten, to_dict
+
+RUN_KEY_TAG = "pipeline.key"
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def parent_run(cfg: PipelineConfig, uri: str, key: str) -> str:
+    """The id of the pipeline's parent run: the one a previous run with the same key opened, or
+    a new one with the flattened config as parameters."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment)
+    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(exp_id, run_name=f"{cfg.name}-{key[:8]}", tags={RUN_KEY_TAG: key})
+    params = flatten(to_dict(cfg))
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+class MetricLogger:
+    """Metrics for the parent run, held until the checkpoint that covers them is saved.
+
+    Training logs every few iterations but only flushes after a checkpoint is reported: a run
+    that restarts from its latest checkpoint then logs each step exactly once, with no gap and
+    no duplicate. A no-op on ranks other than 0.
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
+        self.enabled = enabled and uri is not None and run_id is not None
+        self.run_id = run_id
+        self._client = client(uri) if self.enabled else None
+        self._pending: list = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), 500):
+            self._client.log_batch(self.run_id, metrics=self._pending[i:i + 500])
+        self._pending = []

@@ -1,0 +1,210 @@
+"""Training with Ray Train: ``TorchTrainer`` running DDP over the Ray Data shards.
+
+One function per concern, as in torchvision's reference script: the trainer is set up by
+``fit``; every worker runs ``train_loop_per_worker``, a handful of named steps (build, restore,
+step, validate, report). Rank 0 writes checkpoints and logs to MLflow; every rank reports.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ccnet import CCNetLoss, ConfusionMatrix, convert_sync_batchnorm, whole
+
+from .checkpoint import load_checkpoint, model_from_config, save_checkpoint, unwrap
+from .config import PipelineConfig, from_dict, to_dict
+from .tracking import MetricLogger
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def make_optimizer(cfg: PipelineConfig, model: torch.nn.Module):
+    """SGD with the poly schedule by iteration: lr * (1 - it / max_it) ^ power (CCNet sec. 4.1)."""
+    t = cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: max(0.0, 1 - it / t.iterations) ** t.poly_power)
+    return optimizer, scheduler
+
+
+def build(cfg: PipelineConfig, num_classes: int):
+    import ray.train.torch
+
+    model = model_from_config(cfg, num_classes)
+    if cfg.train.sync_bn and ray.train.get_context().get_world_size() > 1:
+        model = convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    return model, optimizer, scheduler
+
+
+def restore(model, optimizer, scheduler) -> int:
+    """Loads the latest reported checkpoint, if any; returns the iteration to start from."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        ckpt = load_checkpoint(d)
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt["iteration"]
+
+
+def batches(shard, batch_size: int, device: torch.device):
+    """Endless (image, label) batches from the worker's shard of the training dataset."""
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                              dtypes={"image": torch.float32, "label": torch.int64}):
+            yield batch["image"], batch["label"]
+
+
+def autocast(cfg: PipelineConfig, device: torch.device):
+    if cfg.train.amp == "none" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+
+
+def train_step(model, criterion, optimizer, scheduler, scaler, images, labels, amp) -> dict[str, float]:
+    model.train()
+    with amp:
+        losses = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+@torch.no_grad()
+def validate(model, shard, num_classes: int, device: torch.device) -> dict[str, float]:
+    """Whole-image mIoU over this worker's part of the validation split, all-reduced."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device=device)
+    for batch in shard.iter_torch_batches(batch_size=1, device=device):
+        logits = whole(unwrap(model), batch["image"].float())
+        cm.update(logits.argmax(1), batch["label"])
+    cm.all_reduce()
+    return {"val_miou": cm.miou(), "val_pixel_accuracy": cm.pixel_accuracy()}
+
+
+def report(cfg, classes, palette, model, optimizer, scheduler, iteration: int, metrics: dict, rank: int) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(d, cfg=cfg, classes=classes, palette=palette, model=model, optimizer=optimizer,
+                            scheduler=scheduler, iteration=iteration, metrics=metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({**metrics, "iteration": iteration}, checkpoint=checkpoint)
+
+
+def check_finite(losses: dict, iteration: int) -> None:
+    if not math.isfinite(float(losses["total"])):
+        raise DivergenceError(f"the loss is {float(losses['total'])} at iteration {iteration}: training diverged; "
+                              "the last good checkpoint is kept (lower train.lr, or check the data)")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = from_dict(config["pipeline"])
+    classes, t = config["classes"], cfg.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(t.seed + rank)
+    device = ray.train.torch.get_device()
+    model, optimizer, scheduler = build(cfg, len(classes))
+    start = restore(model, optimizer, scheduler)
+    criterion = CCNetLoss(aux_weight=t.aux_weight, ohem=t.ohem, ohem_thresh=t.ohem_thresh,
+                          ohem_min_kept=t.ohem_min_kept)
+    scaler = torch.amp.GradScaler(enabled=t.amp == "fp16" and device.type == "cuda")
+    logger = MetricLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
+    data = batches(ray.train.get_dataset_shard("train"), t.batch_size, device)
+    window, waited, tick = [], 0.0, time.perf_counter()
+    for it in range(start, t.iterations):
+        t0 = time.perf_counter()
+        images, labels = next(data)
+        waited += time.perf_counter() - t0
+        losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, autocast(cfg, device))
+        window.append(losses)
+        step = it + 1
+        if step % t.log_every == 0 or step == t.iterations:
+            check_finite(losses, step)
+            elapsed = time.perf_counter() - tick
+            metrics = {f"loss{'' if k == 'total' else '_' + k}": sum(float(w[k]) for w in window) / len(window)
+                       for k in window[0]}
+            metrics |= {"lr": scheduler.get_last_lr()[0],
+                        "images_per_s_per_worker": len(window) * t.batch_size / elapsed,
+                        "data_wait_share": waited / elapsed}
+            logger.log(metrics, step)
+            if rank == 0:
+                print(f"[train] iteration {step}/{t.iterations}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.5f}  "
+                      f"{metrics['images_per_s_per_worker']:.1f} img/s/worker  "
+                      f"ETA {(t.iterations - step) * elapsed / len(window):.0f} s", flush=True)
+            window, waited, tick = [], 0.0, time.perf_counter()
+        if step % t.val_every == 0 or step == t.iterations:
+            val = validate(model, ray.train.get_dataset_shard("val"), len(classes), device)
+            logger.log(val, step)
+            if rank == 0:
+                print(f"[train] iteration {step}: val mIoU {val['val_miou']:.4f}", flush=True)
+            report(cfg, classes, config.get("palette"), model, optimizer, scheduler, step, val, rank)
+            logger.flush()
+            tick = time.perf_counter()
+
+
+def epochs_needed(cfg: PipelineConfig, train_samples: int) -> int:
+    per_epoch = max(1, train_samples // (cfg.train.batch_size * cfg.scaling.num_workers))
+    return math.ceil(cfg.train.iterations / per_epoch) + 1
+
+
+def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, name: str,
+        tracking_uri: str | None, run_id: str | None):
+    """Runs (or resumes: same name and storage) the training; returns the Ray Train Result."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data_prep.loader import AugmentConfig, eval_dataset, training_dataset
+
+    t = cfg.train
+    augment = AugmentConfig(crop=t.crop, scale=(t.scale_min, t.scale_max), flip=t.flip, jitter=t.jitter)
+    n_train = manifest["splits"][cfg.data.train_split]["samples"]
+    train_ds = training_dataset(prepared, cfg.data.train_split, augment=augment, seed=t.seed, epoch=0,
+                                epochs=epochs_needed(cfg, n_train)).select_columns(["image", "label"])
+    val_ds = eval_dataset(prepared, cfg.data.val_split).select_columns(["image", "label"])
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": to_dict(cfg), "classes": manifest["classes"], "palette": manifest["palette"],
+                           "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        datasets={"train": train_ds, "val": val_ds},
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+    )
+    return trainer.fit()
+
+
+def best_and_latest(result) -> tuple[Path, Path, dict]:
+    """(best checkpoint dir by val mIoU, latest checkpoint dir, best metrics)."""
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1.0))
+    return Path(best[0].path), Path(result.checkpoint.path), dict(best[1])
