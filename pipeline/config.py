@@ -85,6 +85,7 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
 
 
 @dataclasses.dataclass
@@ -106,6 +107,23 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass
+class TuneConfig:
+    """The search of ``python -m pipeline.tune``: a space over the training config, ASHA, trials."""
+
+    num_samples: int = 8
+    max_concurrent: int | None = None  # default: as many as the cluster's CPUs/GPUs fit
+    lr_min: float = 1e-3  # lr: log-uniform in [lr_min, lr_max]
+    lr_max: float = 5e-2
+    weight_decay: list[float] = field(default_factory=lambda: [1e-4, 5e-4])
+    recurrence: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ohem: list[bool] = field(default_factory=lambda: [False, True])
+    crop: list[int] = field(default_factory=list)  # empty: train.crop for every trial
+    grace_period: int = 1  # ASHA: validations before a trial may be stopped
+    reduction_factor: int = 2
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     name: str = "default"
     run_dir: str = "runs"  # step outputs, keyed by a hash of their inputs
@@ -118,6 +136,7 @@ class PipelineConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 CHOICES = {
@@ -125,6 +144,7 @@ CHOICES = {
     "model.attention": ("cca", "non_local"),
     "train.amp": ("none", "bf16", "fp16"),
     "eval.mode": ("whole", "slide"),
+    "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 
@@ -148,6 +168,11 @@ def _check(cfg: PipelineConfig) -> None:
         raise ConfigError("train.scale_min and train.scale_max must satisfy 0 < min <= max")
     if cfg.data.source != "synthetic" and not cfg.data.root and not cfg.data.prepared:
         raise ConfigError(f"data.root is required for data.source={cfg.data.source!r}")
+    if not 0 < cfg.tune.lr_min <= cfg.tune.lr_max:
+        raise ConfigError("tune.lr_min and tune.lr_max must satisfy 0 < min <= max")
+    for key in ("weight_decay", "recurrence", "ohem"):
+        if not getattr(cfg.tune, key):
+            raise ConfigError(f"tune.{key} must list at least one value")
     if cfg.train.amp != "none" and not cfg.scaling.use_gpu:
         raise ConfigError(f"train.amp={cfg.train.amp!r} needs scaling.use_gpu=true")
 
@@ -178,6 +203,17 @@ def _explain(exc: OmegaConfBaseException) -> str:
     if "not in" in msg or "Key '" in msg and "not in" in msg:
         return f"unknown key {key!r}: {msg}"
     return f"{key}: {msg}" if key else msg
+
+
+def load_for_cli(path: str | Path | None, overrides: list[str]) -> PipelineConfig | None:
+    """load_config for an entry point: None, after printing what is wrong, for a bad config."""
+    import sys
+
+    try:
+        return load_config(path, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def presets() -> list[str]:

@@ -29,6 +29,7 @@ def step_keys(cfg: PipelineConfig) -> dict[str, str]:
     keys["train"] = digest("train", keys["prepare"], d["model"], d["train"], d["scaling"]["num_workers"])
     keys["evaluate"] = digest("evaluate", keys["train"], d["eval"])
     keys["register"] = digest("register", keys["evaluate"], d["tracking"])
+    keys["tune"] = digest("tune", keys["prepare"], d["model"], d["train"], d["scaling"], d["tune"])
     return keys
 
 
@@ -96,20 +97,20 @@ def train_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
     from data_prep.loader import load_manifest
     from data_prep.shards import verify_shards
 
-    from .train import best_and_latest, fit
+    from .train import best_and_latest, fit, storage_for
 
     prepared = upstream["prepared"]
     manifest = load_manifest(prepared)
     verify_shards(prepared, manifest)  # a damaged shard stops the run here, naming the file
-    storage = cfg.storage or str(Path(cfg.run_dir).resolve() / "ray_storage")
-    result = fit(cfg, prepared, manifest, storage=storage, name=d.name, tracking_uri=ctx["uri"],
+    result = fit(cfg, prepared, manifest, storage=storage_for(cfg), name=d.name, tracking_uri=ctx["uri"],
                  run_id=ctx["run_id"])
     if result.error:
         raise result.error
     best, latest, metrics = best_and_latest(result)
     final = d / "final_checkpoint"
-    shutil.copytree(best, final, dirs_exist_ok=True)
-    return {"prepared": prepared, "checkpoint": str(final), "latest": str(latest),
+    shutil.rmtree(final, ignore_errors=True)
+    best.to_directory(str(final))  # a local copy, whatever the storage
+    return {"prepared": prepared, "checkpoint": str(final), "latest": latest.path,
             "val_miou": metrics.get("val_miou"), "iteration": metrics.get("iteration")}
 
 

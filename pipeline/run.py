@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError, PipelineConfig, load_config, presets
+from .config import PipelineConfig, load_for_cli, presets
 from .dag import STEPS, run_dag, step_keys
 
 
@@ -44,9 +44,10 @@ def init_ray(cfg: PipelineConfig) -> None:
         quiet = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the driver once, not twice
                  "PYTHONWARNINGS": "ignore::UserWarning"}
-        ray.init(address=cfg.ray_address, num_cpus=cfg.num_cpus if cfg.ray_address is None else None,
-                 include_dashboard=True, dashboard_host="127.0.0.1",  # Ray Train's state queries need it
-                 logging_level="warning", log_to_driver=True,
+        local = {} if cfg.ray_address else {  # a new local Ray; joining a cluster takes its settings
+            "num_cpus": cfg.num_cpus, "include_dashboard": True,  # Ray Train's state queries need it
+            "dashboard_host": "127.0.0.1"}
+        ray.init(address=cfg.ray_address, **local, logging_level="warning", log_to_driver=True,
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
                  runtime_env={"env_vars": quiet})
 
@@ -96,10 +97,8 @@ def summary(results: dict, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
     start = time.time()
     results = run(cfg, start=args.start, only=args.only)

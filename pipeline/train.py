@@ -11,7 +11,6 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
@@ -112,6 +111,20 @@ def report(cfg, classes, palette, model, optimizer, scheduler, iteration: int, m
         ray.train.report({**metrics, "iteration": iteration}, checkpoint=checkpoint)
 
 
+def placement(rank: int) -> int:
+    """How many nodes the workers run on (all ranks take part); rank 0 says where they are."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [None] * dist.get_world_size() if dist.is_initialized() else [node]
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, node)
+    if rank == 0:
+        print(f"[train] {len(nodes)} workers on {len(set(nodes))} node(s)", flush=True)
+    return len(set(nodes))
+
+
 def check_finite(losses: dict, iteration: int) -> None:
     if not math.isfinite(float(losses["total"])):
         raise DivergenceError(f"the loss is {float(losses['total'])} at iteration {iteration}: training diverged; "
@@ -133,6 +146,8 @@ def train_loop_per_worker(config: dict) -> None:
                           ohem_min_kept=t.ohem_min_kept)
     scaler = torch.amp.GradScaler(enabled=t.amp == "fp16" and device.type == "cuda")
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
+    nodes = placement(rank)
+    logger.log({"num_workers": ctx.get_world_size(), "num_nodes": nodes}, start)
     data = batches(ray.train.get_dataset_shard("train"), t.batch_size, device)
     window, waited, tick = [], 0.0, time.perf_counter()
     for it in range(start, t.iterations):
@@ -142,8 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
         losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, autocast(cfg, device))
         window.append(losses)
         step = it + 1
+        check_finite(losses, step)  # before any checkpoint can hold the diverged weights
         if step % t.log_every == 0 or step == t.iterations:
-            check_finite(losses, step)
             elapsed = time.perf_counter() - tick
             metrics = {f"loss{'' if k == 'total' else '_' + k}": sum(float(w[k]) for w in window) / len(window)
                        for k in window[0]}
@@ -166,13 +181,32 @@ def train_loop_per_worker(config: dict) -> None:
             tick = time.perf_counter()
 
 
+def storage_for(cfg: PipelineConfig) -> str:
+    """Where Ray Train and Tune keep checkpoints: ``storage``, else under the run directory."""
+    from pathlib import Path
+
+    return cfg.storage or str(Path(cfg.run_dir).resolve() / "ray_storage")
+
+
+def check_storage(storage: str) -> None:
+    """Several nodes need storage they all reach: an object store or a shared file system."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in storage:
+        raise ValueError(
+            f"storage={storage!r} is a local path, but the Ray cluster has {len(nodes)} nodes: checkpoints "
+            "written on one node would be missing on the others. Set storage to an object store "
+            "(s3://bucket/prefix, gs://...) or to file:///path for a file system every node mounts.")
+
+
 def epochs_needed(cfg: PipelineConfig, train_samples: int) -> int:
     per_epoch = max(1, train_samples // (cfg.train.batch_size * cfg.scaling.num_workers))
     return math.ceil(cfg.train.iterations / per_epoch) + 1
 
 
 def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, name: str,
-        tracking_uri: str | None, run_id: str | None):
+        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None):
     """Runs (or resumes: same name and storage) the training; returns the Ray Train Result."""
     import ray.data
     import ray.train
@@ -180,6 +214,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
 
     from data_prep.loader import AugmentConfig, eval_dataset, training_dataset
 
+    check_storage(storage)
     t = cfg.train
     augment = AugmentConfig(crop=t.crop, scale=(t.scale_min, t.scale_max), flip=t.flip, jitter=t.jitter)
     n_train = manifest["splits"][cfg.data.train_split]["samples"]
@@ -193,18 +228,21 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
         train_loop_config={"pipeline": to_dict(cfg), "classes": manifest["classes"], "palette": manifest["palette"],
                            "tracking_uri": tracking_uri, "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=s.placement_strategy),
         datasets={"train": train_ds, "val": val_ds},
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or []),
     )
     return trainer.fit()
 
 
-def best_and_latest(result) -> tuple[Path, Path, dict]:
-    """(best checkpoint dir by val mIoU, latest checkpoint dir, best metrics)."""
+def best_and_latest(result):
+    """(best checkpoint by val mIoU, latest checkpoint, best metrics): ``ray.train.Checkpoint``s,
+    on whatever storage the run used."""
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1.0))
-    return Path(best[0].path), Path(result.checkpoint.path), dict(best[1])
+    return best[0], result.checkpoint, dict(best[1])

@@ -23,7 +23,7 @@ from data_prep.prepare import TooManyRejected, prepare
 from data_prep.shards import ShardChecksumError, read_manifest, verify_shards
 from data_prep.sources import SyntheticConfig, build_source
 from data_prep.sources.base import decode_label
-from data_prep.sources.synthetic import generate
+from data_prep.sources.synthetic import KEY_WIDTH, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,18 +155,25 @@ def test_synthetic_is_deterministic_and_needs_context():
     a, b = generate(cfg, "train", 5), generate(cfg, "train", 5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(generate(cfg, "train", 6)[0], a[0])
+    border = np.zeros((cfg.size, cfg.size), bool)
+    border[:KEY_WIDTH] = border[:, :KEY_WIDTH] = True
     for i in range(30):
         image, label = generate(cfg, "train", i)
-        objects = (label > 0) & (label < 255)
-        assert objects.any()
+        objects, keys = (label > 0) & ~border, (label > 0) & border
+        assert objects.any() and keys.any()
         ys, xs = np.nonzero(objects)
-        keys = label == 255
         ky, kx = np.nonzero(keys)
-        # every object pixel is at least gap - KEY_WIDTH pixels away from every key pixel
+        # every object pixel is at least gap - KEY_WIDTH pixels from every key pixel
         dist = np.maximum(np.abs(ys[:, None] - ky[None]), np.abs(xs[:, None] - kx[None])).min()
-        assert dist >= cfg.gap - 4
-        # objects of different classes look alike: the same texture values
+        assert dist >= cfg.gap - KEY_WIDTH
+        # objects of different classes look alike: one texture, two values
         assert set(np.unique(image[objects])) <= {150, 190}
+        # each object's class is the class of the key on its rows or its columns
+        for cls in np.unique(label[objects]):
+            rows, cols = np.nonzero((label == cls) & ~border)
+            key_on_rows = (label[rows, :KEY_WIDTH] == cls).all()
+            key_on_cols = (label[:KEY_WIDTH, cols] == cls).all()
+            assert key_on_rows or key_on_cols
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ away. One criss-cross attention pass reaches it; a model that only sees a neighb
 smaller than ``gap`` can tell background from object but not which object: its mIoU plateaus
 near background IoU plus chance over K-1 classes, well below a context model.
 
-Labels: background 0, objects 1..K-1, the key strips 255 (ignored; they are clues, not
-objects). Sample i of a split is generated from ``numpy.random.default_rng((seed, split, i))``,
+Labels: background 0, objects and their key strips 1..K-1. A key strip (8 pixels wide, one
+feature cell at output stride 8) is easy to classify where it is; the objects it names are not. Sample i of a split is generated from ``numpy.random.default_rng((seed, split, i))``,
 so any subset of samples can be generated alone, in any order, identically.
 """
 
