@@ -49,16 +49,22 @@ def load_manifest(location: str) -> dict:
     return manifest
 
 
-def split_dataset(location: str, split: str, *, verify: bool = True):
-    """The raw rows of a split (key, image, image_format, label, height, width)."""
-    import ray.data
-
+def _split_shards(location: str, split: str, *, verify: bool = True):
+    """(filesystem, non-empty shard paths) of a split, checked against the manifest's sha256."""
     manifest = load_manifest(location)
     if verify:
         verify_shards(location, manifest, [split])
     fs, paths = shard_paths(location, manifest, split)
     if not paths:
         raise ValueError(f"split {split!r} under {location} has no samples")
+    return fs, paths
+
+
+def split_dataset(location: str, split: str, *, verify: bool = True):
+    """The raw rows of a split (key, image, image_format, label, height, width)."""
+    import ray.data
+
+    fs, paths = _split_shards(location, split, verify=verify)
     return ray.data.read_parquet(paths, filesystem=fs)
 
 
@@ -105,11 +111,7 @@ def training_dataset(location: str, split: str, *, augment: AugmentConfig, seed:
     """
     import ray.data
 
-    manifest = load_manifest(location)
-    verify_shards(location, manifest, [split])
-    _, paths = shard_paths(location, manifest, split)
-    if not paths:
-        raise ValueError(f"split {split!r} under {location} has no samples")
+    _, paths = _split_shards(location, split)
     items = [{"epoch": e, "shard": paths[i], "location": location}
              for e in range(epoch, epoch + epochs)
              for i in np.random.default_rng((seed, e)).permutation(len(paths))]

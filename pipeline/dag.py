@@ -71,10 +71,9 @@ def _step(name: str):
 @_step("prepare")
 def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dict:
     from data_prep.__main__ import source_from_args
-    from data_prep.prepare import prepare
-    from data_prep.shards import verify_shards
-
     import argparse
+
+    from data_prep.prepare import prepare
 
     data = cfg.data
     args = argparse.Namespace(source=data.source, root=data.root, classes=data.classes,
@@ -85,7 +84,6 @@ def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dic
     source, desc = source_from_args(args)
     manifest = prepare(source, out, source_desc=desc, splits=[data.train_split, data.val_split],
                        shard_size=data.shard_size, max_rejected=data.max_rejected, progress=False)
-    verify_shards(out, manifest)
     counts = {s: e["samples"] for s, e in manifest["splits"].items()}
     rejected = sum(len(e["rejected"]) for e in manifest["splits"].values())
     _log(ctx, metrics={"data_rejected": rejected} | {f"data_{s}_samples": n for s, n in counts.items()})
@@ -95,13 +93,11 @@ def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dic
 @_step("train")
 def train_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
     from data_prep.loader import load_manifest
-    from data_prep.shards import verify_shards
 
     from .train import best_and_latest, fit, storage_for
 
     prepared = upstream["prepared"]
-    manifest = load_manifest(prepared)
-    verify_shards(prepared, manifest)  # a damaged shard stops the run here, naming the file
+    manifest = load_manifest(prepared)  # fit's datasets check their shards' sha256 before training
     result = fit(cfg, prepared, manifest, storage=storage_for(cfg), name=d.name, tracking_uri=ctx["uri"],
                  run_id=ctx["run_id"])
     if result.error:

@@ -20,6 +20,7 @@ import numpy as np
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import inference_config, overlay
 from .serving import predict_labels
+from .tracking import default_tracking_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -68,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = p.parse_args(argv)
     try:
-        uri = args.tracking_uri
-        if uri is None and args.model.startswith("models:/"):
-            import os
-
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        uri = args.tracking_uri or default_tracking_uri()
         ckpt = load_checkpoint(resolve_checkpoint(args.model, uri))
         files = input_files(args.input)
     except (FileNotFoundError, ValueError) as exc:

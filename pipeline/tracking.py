@@ -17,9 +17,13 @@ from .config import PipelineConfig, flatten, to_dict
 RUN_KEY_TAG = "pipeline.key"
 
 
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else an absolute sqlite URI of ./mlflow.db."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
-    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    return cfg.tracking.tracking_uri or default_tracking_uri()
 
 
 def client(uri: str):
