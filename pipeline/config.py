@@ -76,7 +76,9 @@ class TrainConfig:
     val_every: int = 500
     log_every: int = 50
     seed: int = 0
-    max_failures: int = 2
+    max_failures: int = 2  # restarts from the latest checkpoint after a worker error
+    nonfinite: str = "stop"  # a NaN/inf loss: stop (keeping the last good checkpoint) | skip the step
+    max_skipped_steps: int = 10  # nonfinite=skip: stop after more skipped steps than this
 
 
 @dataclasses.dataclass
@@ -143,6 +145,7 @@ CHOICES = {
     "data.source": ("cityscapes", "ade20k", "voc", "folder", "synthetic"),
     "model.attention": ("cca", "non_local"),
     "train.amp": ("none", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
     "eval.mode": ("whole", "slide"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }

@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def init_ray(cfg: PipelineConfig) -> None:
-    """Ray, quietly: the pipeline's own lines stay readable."""
+    """Ray, quietly: the pipeline's own lines stay readable. The driver's ``CCNET_*`` variables
+    (the op's switches, fault injection) go to every worker, on a cluster too."""
     import logging
 
     import ray
@@ -41,15 +42,16 @@ def init_ray(cfg: PipelineConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     logging.getLogger("ray").setLevel(logging.WARNING)
     if not ray.is_initialized():
-        quiet = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the driver once, not twice
                  "PYTHONWARNINGS": "ignore::UserWarning"}
+        env |= {k: v for k, v in os.environ.items() if k.startswith("CCNET_")}
         local = {} if cfg.ray_address else {  # a new local Ray; joining a cluster takes its settings
             "num_cpus": cfg.num_cpus, "include_dashboard": True,  # Ray Train's state queries need it
             "dashboard_host": "127.0.0.1"}
         ray.init(address=cfg.ray_address, **local, logging_level="warning", log_to_driver=True,
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
-                 runtime_env={"env_vars": quiet})
+                 runtime_env={"env_vars": env})
 
 
 def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict:

@@ -54,18 +54,23 @@ def parent_run(cfg: PipelineConfig, uri: str, key: str) -> str:
 
 
 class MetricLogger:
-    """Metrics for the parent run, held until the checkpoint that covers them is saved.
+    """Metrics of the parent run, logged as they come, each (key, step) at most once.
 
-    Training logs every few iterations but only flushes after a checkpoint is reported: a run
-    that restarts from its latest checkpoint then logs each step exactly once, with no gap and
-    no duplicate. A no-op on ranks other than 0.
+    A run that restarts from its latest checkpoint (a lost worker, a killed driver) goes over
+    the steps after that checkpoint a second time; the logger skips every step at or below the
+    last one already logged for the key, so the curves continue with no gap and no duplicate.
+    A no-op on ranks other than 0.
     """
 
     def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
         self.enabled = enabled and uri is not None and run_id is not None
         self.run_id = run_id
         self._client = client(uri) if self.enabled else None
-        self._pending: list = []
+        self._last: dict[str, int] = {}
+        if self.enabled:
+            for key in self._client.get_run(run_id).data.metrics:
+                self._last[key] = max(m.step for m in self._client.get_metric_history(run_id, key))
+        self.skipped = 0  # (key, step) pairs already logged by an earlier attempt
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -73,9 +78,8 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-
-    def flush(self) -> None:
-        for i in range(0, len(self._pending), 500):
-            self._client.log_batch(self.run_id, metrics=self._pending[i:i + 500])
-        self._pending = []
+        fresh = [Metric(k, float(v), ts, step) for k, v in metrics.items() if step > self._last.get(k, -1)]
+        self.skipped += len(metrics) - len(fresh)
+        if fresh:
+            self._client.log_batch(self.run_id, metrics=fresh)
+            self._last.update({m.key: step for m in fresh})

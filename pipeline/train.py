@@ -45,19 +45,20 @@ def build(cfg: PipelineConfig, num_classes: int):
     return model, optimizer, scheduler
 
 
-def restore(model, optimizer, scheduler) -> int:
-    """Loads the latest reported checkpoint, if any; returns the iteration to start from."""
+def restore(model, optimizer, scheduler) -> tuple[int, int]:
+    """Loads the latest reported checkpoint, if any; returns the iteration to start from and the
+    number of non-finite steps skipped before it."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, 0
     with checkpoint.as_directory() as d:
         ckpt = load_checkpoint(d)
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    return ckpt["iteration"]
+    return ckpt["iteration"], int(ckpt["metrics"].get("skipped_steps", 0))
 
 
 def batches(shard, batch_size: int, device: torch.device):
@@ -74,16 +75,46 @@ def autocast(cfg: PipelineConfig, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
 
 
-def train_step(model, criterion, optimizer, scheduler, scaler, images, labels, amp) -> dict[str, float]:
+def train_step(model, criterion, optimizer, scheduler, scaler, images, labels, amp,
+               poison: bool = False) -> dict[str, torch.Tensor] | None:
+    """One SGD step; None, with the weights untouched, when the loss is not finite on some rank."""
     model.train()
     with amp:
         losses = criterion(model(images), labels)
+    if poison:
+        losses["total"] = losses["total"] * float("nan")
+    if not all_finite(losses["total"]):
+        scheduler.step()  # the schedule follows the iteration count, skipped or not
+        return None
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
     return {k: v.detach() for k, v in losses.items()}
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank: all ranks skip or stop together (a rank that
+    skipped the backward alone would leave the others waiting in DDP's all-reduce)."""
+    import torch.distributed as dist
+
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+FAULT_NONFINITE = "CCNET_FAULT_NONFINITE_AT"
+
+
+def poisoned_steps() -> set[int]:
+    """Fault injection: ``CCNET_FAULT_NONFINITE_AT=23,31`` makes rank 0's loss NaN at those
+    iterations (the reliability tests use it; the driver forwards ``CCNET_*`` to the workers)."""
+    import os
+
+    value = os.environ.get(FAULT_NONFINITE, "")
+    return {int(v) for v in value.split(",") if v.strip()}
 
 
 @torch.no_grad()
@@ -125,10 +156,17 @@ def placement(rank: int) -> int:
     return len(set(nodes))
 
 
-def check_finite(losses: dict, iteration: int) -> None:
-    if not math.isfinite(float(losses["total"])):
-        raise DivergenceError(f"the loss is {float(losses['total'])} at iteration {iteration}: training diverged; "
-                              "the last good checkpoint is kept (lower train.lr, or check the data)")
+def on_nonfinite(cfg: PipelineConfig, step: int, skipped: int, last_checkpoint: int) -> None:
+    """train.nonfinite=stop: raise; skip: go on (the step was not applied) up to train.max_skipped_steps."""
+    t = cfg.train
+    kept = (f"the last good checkpoint (iteration {last_checkpoint}) is kept" if last_checkpoint
+            else "no checkpoint was written yet")
+    if t.nonfinite == "stop":
+        raise DivergenceError(f"the loss is not finite at iteration {step}: training diverged and stops; {kept}. "
+                              "Lower train.lr, check the data, or set train.nonfinite=skip")
+    if skipped > t.max_skipped_steps:
+        raise DivergenceError(f"the loss is not finite at iteration {step}: {skipped} steps skipped, more than "
+                              f"train.max_skipped_steps={t.max_skipped_steps}: training stops; {kept}")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -141,32 +179,44 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
     model, optimizer, scheduler = build(cfg, len(classes))
-    start = restore(model, optimizer, scheduler)
+    start, skipped = restore(model, optimizer, scheduler)
+    last_checkpoint = start
     criterion = CCNetLoss(aux_weight=t.aux_weight, ohem=t.ohem, ohem_thresh=t.ohem_thresh,
                           ohem_min_kept=t.ohem_min_kept)
     scaler = torch.amp.GradScaler(enabled=t.amp == "fp16" and device.type == "cuda")
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id"), enabled=rank == 0)
     nodes = placement(rank)
     logger.log({"num_workers": ctx.get_world_size(), "num_nodes": nodes}, start)
+    if rank == 0 and start:
+        print(f"[train] resumed from the checkpoint of iteration {start}", flush=True)
+    poison = poisoned_steps() if rank == 0 else set()
     data = batches(ray.train.get_dataset_shard("train"), t.batch_size, device)
     window, waited, tick = [], 0.0, time.perf_counter()
     for it in range(start, t.iterations):
+        step = it + 1
         t0 = time.perf_counter()
         images, labels = next(data)
         waited += time.perf_counter() - t0
-        losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, autocast(cfg, device))
-        window.append(losses)
-        step = it + 1
-        check_finite(losses, step)  # before any checkpoint can hold the diverged weights
+        losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, autocast(cfg, device),
+                            poison=step in poison)
+        if losses is None:  # before any checkpoint could hold diverged weights
+            skipped += 1
+            on_nonfinite(cfg, step, skipped, last_checkpoint)
+            logger.log({"skipped_steps": skipped}, step)
+            if rank == 0:
+                print(f"[train] iteration {step}: the loss is not finite; the step is skipped ({skipped} so far)",
+                      flush=True)
+        else:
+            window.append(losses)
         if step % t.log_every == 0 or step == t.iterations:
             elapsed = time.perf_counter() - tick
             metrics = {f"loss{'' if k == 'total' else '_' + k}": sum(float(w[k]) for w in window) / len(window)
-                       for k in window[0]}
+                       for k in (window[0] if window else ())}
             metrics |= {"lr": scheduler.get_last_lr()[0],
                         "images_per_s_per_worker": len(window) * t.batch_size / elapsed,
                         "data_wait_share": waited / elapsed}
             logger.log(metrics, step)
-            if rank == 0:
+            if rank == 0 and window:
                 print(f"[train] iteration {step}/{t.iterations}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.5f}  "
                       f"{metrics['images_per_s_per_worker']:.1f} img/s/worker  "
                       f"ETA {(t.iterations - step) * elapsed / len(window):.0f} s", flush=True)
@@ -176,8 +226,9 @@ def train_loop_per_worker(config: dict) -> None:
             logger.log(val, step)
             if rank == 0:
                 print(f"[train] iteration {step}: val mIoU {val['val_miou']:.4f}", flush=True)
-            report(cfg, classes, config.get("palette"), model, optimizer, scheduler, step, val, rank)
-            logger.flush()
+            report(cfg, classes, config.get("palette"), model, optimizer, scheduler, step,
+                   {**val, "skipped_steps": skipped}, rank)
+            last_checkpoint = step
             tick = time.perf_counter()
 
 

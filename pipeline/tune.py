@@ -41,6 +41,14 @@ def apply(cfg: PipelineConfig, params: dict) -> PipelineConfig:
     return dataclasses.replace(cfg, train=train, model=model)
 
 
+def nested_run(c, parent_id: str, trial_id: str) -> str | None:
+    """The id of the trial's nested run under the search's parent run, if it has one."""
+    parent = c.get_run(parent_id)
+    found = c.search_runs([parent.info.experiment_id], f"tags.`tune.trial_id` = '{trial_id}' and "
+                          f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: PipelineConfig, params: dict) -> str:
     """The trial's nested MLflow run (reused when a resumed search restarts the trial)."""
     from mlflow.entities import Param
@@ -48,12 +56,10 @@ def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: Pip
     from .tracking import client
 
     c = client(uri)
-    parent = c.get_run(parent_id)
-    found = c.search_runs([parent.info.experiment_id], f"tags.`tune.trial_id` = '{trial_id}' and "
-                          f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = c.create_run(parent.info.experiment_id, run_name=trial_name,
+    if (run_id := nested_run(c, parent_id, trial_id)) is not None:
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(c.get_run(parent_id).info.experiment_id, run_name=trial_name,
                        tags={"mlflow.parentRunId": parent_id, "tune.trial_id": trial_id})
     c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()]
                 + [Param("model.recurrence", str(cfg.model.recurrence)), Param("train.lr", str(cfg.train.lr))])
@@ -73,9 +79,6 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
     run_id = trial_run(uri, parent_id, ctx.get_trial_id(), ctx.get_trial_name(), cfg, params)
     result = fit(cfg, prepared, manifest, storage=storage, name=name, tracking_uri=uri, run_id=run_id,
                  callbacks=[TuneReportCallback()])
-    from .tracking import client
-
-    client(uri).set_terminated(run_id, status="FAILED" if result.error else "FINISHED")
     if result.error:
         raise result.error
 
@@ -137,7 +140,11 @@ def search(cfg: PipelineConfig) -> dict:
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_miou", mode="max")
     summary = {"parent_run_id": parent_id, "uri": uri, "trials": [], "best": None}
-    for r in grid:
+    c = client(uri)
+    for r in grid:  # Tune ends a trial ASHA stops (or that reached max_t) itself: its run is closed here
+        trial_id = (r.metrics or {}).get("trial_id")
+        if trial_id and (run_id := nested_run(c, parent_id, trial_id)):
+            c.set_terminated(run_id, status="FAILED" if r.error else "FINISHED")
         summary["trials"].append({"trial_id": r.path.rstrip("/").split("/")[-1], "params": r.config,
                                   "val_miou": (r.metrics or {}).get("val_miou"),
                                   "iteration": (r.metrics or {}).get("iteration"),
@@ -146,6 +153,17 @@ def search(cfg: PipelineConfig) -> dict:
         summary["best"] = register_best(cfg, best, uri, parent_id)
     client(uri).set_terminated(parent_id, status="FINISHED")
     return summary
+
+
+def close_trial_runs(c, parent_id: str, grid) -> None:
+    """Marks each nested run FINISHED or FAILED. Tune itself ends a trial that ASHA stops or that
+    reaches max_t, before the trial function returns, so the driver closes the runs."""
+    errors = {(r.metrics or {}).get("trial_id"): r.error for r in grid}
+    for run in c.search_runs([c.get_run(parent_id).info.experiment_id],
+                             f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+        trial_id = run.data.tags.get("tune.trial_id")
+        ok = trial_id in errors and errors[trial_id] is None
+        c.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
 
 
 def register_best(cfg: PipelineConfig, best, uri: str, parent_id: str) -> dict:

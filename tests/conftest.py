@@ -4,6 +4,7 @@ so a failed build fails the session (CCNET_OPS_STRICT=1 unless set otherwise).""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,14 +49,23 @@ def sample_inputs(
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the whole session; yields its address.
+    """One local Ray instance for the whole session, started as the pipeline starts it
+    (``init_ray``: dashboard on 127.0.0.1, the CCNET_* variables forwarded); yields its address.
 
     4 CPUs declared on this 2-core machine: training workers and Ray Data then both get slots.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="warning",
-                 runtime_env={"env_vars": {"CCNET_OPS_STRICT": os.environ.get("CCNET_OPS_STRICT", "1")}})
+    from pipeline.config import load_config
+    from pipeline.run import init_ray
+
+    init_ray(load_config(None, ["num_cpus=4"]))
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def tiny_overrides(tmp: Path) -> list[str]:
+    """A pipeline small enough for a test: 32 + 8 synthetic 64 px images, batches of 4, 2 workers."""
+    return [f"run_dir={tmp / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+            "data.synthetic_train=32", "data.synthetic_val=8", "data.synthetic_size=64", "data.shard_size=16",
+            "train.batch_size=4", "train.crop=64", "train.log_every=5", "eval.overlays=1"]

@@ -339,3 +339,193 @@ def test_build_command_reports_the_cached_library(lib):
     assert result.returncode == 0, result.stderr
     library = result.stdout.split("library: ")[1].split()[0]
     assert os.path.exists(library) and "built ccnet_ops" in result.stdout
+
+
+# --- fuzzed input validation -------------------------------------------------------------------
+# Random inputs, valid or not: every call either returns what an independent computation gives,
+# or raises ValueError/TypeError with a message that names the op. Nothing else (a crash, an
+# IndexError, a wrong result) is allowed.
+
+FUZZ_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool,
+               torch.complex64]
+# drawn mostly from the valid part, so that about half the inputs are valid
+dtypes = st.sampled_from([torch.float64] * 6 + [torch.float32] * 6 + FUZZ_DTYPES)
+sizes = st.sampled_from([0] + [1, 2, 3, 4, 5] * 4)
+CLEAR_ERROR = r"^(criss_cross_attention|cc_energy|cc_aggregate|cc_scatter): \S"
+
+
+@st.composite
+def fuzz_tensor(draw, shape: list[int], dtype: torch.dtype, non_tensor: bool = True):
+    """A tensor of roughly ``shape`` (sometimes a dimension dropped, added or resized), in one of
+    several memory layouts, on the CPU or (rarely) the meta device; rarely not a tensor at all
+    (``non_tensor``: the raw ops' schema turns those away before any kernel runs)."""
+    shape = list(shape)
+    mutation = draw(st.sampled_from(["none"] * 24 + ["drop", "add", "resize"]))
+    if mutation == "drop" and shape:
+        del shape[draw(st.integers(0, len(shape) - 1))]
+    elif mutation == "add":
+        shape.insert(draw(st.integers(0, len(shape))), draw(st.integers(1, 3)))
+    elif mutation == "resize" and shape:
+        shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 6))
+    if non_tensor and draw(st.integers(0, 40)) == 0:
+        return draw(st.sampled_from([None, 1.0, [[0.5]]]))
+    device = "meta" if draw(st.integers(0, 25)) == 0 else "cpu"
+    layout = draw(st.sampled_from(["contiguous", "transposed", "channels_last", "sliced", "expanded", "offset"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+
+    def make(s):
+        return torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
+
+    if len(shape) >= 2 and layout == "transposed":
+        t = make(shape[:-2] + [shape[-1], shape[-2]]).transpose(-1, -2)
+    elif len(shape) == 4 and layout == "channels_last":
+        t = make(shape).contiguous(memory_format=torch.channels_last)
+    elif shape and layout == "sliced":
+        t = make(shape[:-1] + [2 * shape[-1]])[..., ::2]
+    elif shape and layout == "expanded":  # stride 0 along the first dimension
+        t = make([1] + shape[1:]).expand(shape)
+    elif layout == "offset":  # a view that starts inside its storage
+        t = make([2] + shape)[1]
+    else:
+        t = make(shape)
+    return t.to(device)
+
+
+def _expect_valid(*tensors) -> bool:
+    """The independent oracle of what the CPU build accepts: tensors, 4-D, non-empty, one device,
+    one dtype, float32/float64 (the CPU kernels) on the CPU, any float on meta (shapes only)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if any(t.dim() != 4 or t.numel() == 0 for t in tensors):
+        return False
+    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+        return False
+    t = tensors[0]
+    return t.dtype in (torch.float32, torch.float64) or (t.device.type == "meta" and t.is_floating_point())
+
+
+@st.composite
+def fuzz_op_inputs(draw):
+    N, Cq, C, H, W = (draw(sizes) for _ in range(5))
+    dtype = draw(dtypes)
+    each = [dtype if draw(st.integers(0, 15)) else draw(st.sampled_from(FUZZ_DTYPES)) for _ in range(3)]
+    return (draw(fuzz_tensor([N, Cq, H, W], each[0])), draw(fuzz_tensor([N, Cq, H, W], each[1])),
+            draw(fuzz_tensor([N, C, H, W], each[2])))
+
+
+FUZZ_TRIED = {"op": 0, "op_valid": 0, "primitive": 0, "primitive_valid": 0}
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(inputs=fuzz_op_inputs())
+def test_fuzzed_inputs_to_the_op(lib, inputs):
+    import warnings
+
+    q, k, v = inputs
+    valid = _expect_valid(q, k, v) and q.shape == k.shape and \
+        (q.shape[0], *q.shape[2:]) == (v.shape[0], *v.shape[2:])
+    FUZZ_TRIED["op"] += 1
+    if not valid:
+        with pytest.raises((ValueError, TypeError), match=CLEAR_ERROR):
+            ops.criss_cross_attention(q, k, v, implementation="compiled")
+        return
+    FUZZ_TRIED["op_valid"] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # meta tensors: "the reference runs on this device instead"
+        out = ops.criss_cross_attention(q, k, v, implementation="compiled")
+    assert out.shape == v.shape and out.dtype == v.dtype and out.device == v.device
+    if q.device.type == "meta":
+        return
+    expected = per_pixel(q, k, v) if q.numel() + v.numel() < 200 else \
+        reference.criss_cross_attention(q.double(), k.double(), v.double())
+    atol, rtol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(out.double(), expected, atol=atol * 10, rtol=rtol * 10)
+    if q.dtype == torch.float64:
+        assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v),
+                         torch.float64)
+
+
+@st.composite
+def fuzz_primitive_inputs(draw):
+    name = draw(st.sampled_from(["cc_energy", "cc_aggregate", "cc_scatter"]))
+    N, C, H, W = (draw(sizes) for _ in range(4))
+    dtype = draw(dtypes)
+    other = dtype if draw(st.integers(0, 15)) else draw(st.sampled_from(FUZZ_DTYPES))
+    first = [N, C, H, W] if name == "cc_energy" else \
+        [N, max(0, H + W - 1 + draw(st.sampled_from([0] * 12 + [-1, 1]))), H, W]
+    return name, draw(fuzz_tensor(first, dtype, False)), draw(fuzz_tensor([N, C, H, W], other, False))
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(inputs=fuzz_primitive_inputs())
+def test_fuzzed_inputs_to_the_kernels(lib, inputs):
+    name, a, b = inputs
+    valid = _expect_valid(a, b) and (a.shape == b.shape if name == "cc_energy" else
+                                     tuple(a.shape) == (b.shape[0], b.shape[2] + b.shape[3] - 1, *b.shape[2:]))
+    FUZZ_TRIED["primitive"] += 1
+    op = getattr(lib, name)
+    if not valid:
+        with pytest.raises((ValueError, TypeError), match=CLEAR_ERROR):
+            op(a, b)
+        return
+    FUZZ_TRIED["primitive_valid"] += 1
+    out = op(a, b)
+    if a.device.type == "meta":
+        return
+    a64, b64 = a.double(), b.double()
+    if name == "cc_energy":
+        expected = reference.energy(a64, b64)
+    elif name == "cc_aggregate":
+        expected = reference.aggregate(a64, b64)
+    else:  # scatter(w, g) is the gradient of <aggregate(w, v), g> in v
+        v = torch.zeros_like(b64, requires_grad=True)
+        expected, = torch.autograd.grad((reference.aggregate(a64, v) * b64).sum(), v)
+    atol, rtol = TOLERANCE[a.dtype]
+    torch.testing.assert_close(out.double(), expected, atol=atol * 10, rtol=rtol * 10)
+
+
+def test_fuzzing_tried_valid_and_invalid_inputs():
+    """The fuzzers above really produced both kinds of input (run after them)."""
+    if FUZZ_TRIED["op"] == 0:
+        pytest.skip("run with the fuzz tests")
+    assert 0 < FUZZ_TRIED["op_valid"] < FUZZ_TRIED["op"]
+    assert 0 < FUZZ_TRIED["primitive_valid"] < FUZZ_TRIED["primitive"]
+    print(f"fuzzed inputs: {FUZZ_TRIED}")
+
+
+def _big_enough(device: str, nbytes: int) -> bool:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] > nbytes
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    return available > nbytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_offsets_beyond_32_bits(lib, device):
+    """An attention map of more than 2^31 elements (8.7 GB in float32): every kernel reads or writes
+    offsets past 2^31, in the row part (the CPU's BLAS calls) and in the column part. Checked on the
+    pixels whose offsets are largest, against sums written out here."""
+    H, W = 64, 5800
+    L = H + W - 1
+    assert L * H * W > 2**31
+    if not _big_enough(device, L * H * W * 4 + 2**30):
+        pytest.skip("needs 10 GB of free memory")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(1, 1, H, W, generator=gen).to(device) for _ in range(4))
+    e = lib.cc_energy(q, k)  # (1, L, H, W)
+    out, back = lib.cc_aggregate(e, v), lib.cc_scatter(e, g)
+    qd, kd, vd, gd = (t[0, 0].double().cpu() for t in (q, k, v, g))
+    rows = lambda y: [r for r in range(H) if r != y]  # noqa: E731 - the column slots of row y, in order
+    for y, x in [(H - 1, W - 1), (H - 1, 0), (0, W - 1), (H // 2, W // 2)]:
+        slots = e[0, :, y, x].double().cpu()  # the largest offsets: slot s sits at s * H * W
+        keys = torch.cat([kd[y, :], kd[rows(y), x]])
+        torch.testing.assert_close(slots, qd[y, x] * keys, atol=1e-4, rtol=1e-5)
+        values = torch.cat([vd[y, :], vd[rows(y), x]])
+        torch.testing.assert_close(out[0, 0, y, x].double().cpu(), (slots * values).sum(), atol=1e-2, rtol=1e-4)
+        # scatter: the queries that read pixel (y, x): its row (slot x) and its column
+        by_row = e[0, x, y, :].double().cpu() @ gd[y, :]
+        col = [(r, W + (y if y < r else y - 1)) for r in rows(y)]  # query row r reads key row y here
+        by_col = sum(e[0, s, r, x].double().cpu() * gd[r, x] for r, s in col)
+        torch.testing.assert_close(back[0, 0, y, x].double().cpu(), by_row + by_col, atol=1e-2, rtol=1e-4)

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_overrides
 from pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_overrides(tmp: Path) -> list[str]:
-    return [f"run_dir={tmp / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-            "data.synthetic_train=32", "data.synthetic_val=8", "data.synthetic_size=64", "data.shard_size=16",
-            "train.iterations=40", "train.val_every=20", "train.log_every=5", "train.batch_size=4", "train.crop=64",
-            "eval.overlays=2", "tracking.model_name=ccnet_test"]
+def pipeline_overrides(tmp: Path) -> list[str]:
+    return tiny_overrides(tmp) + ["train.iterations=40", "train.val_every=20", "eval.overlays=2",
+                                  "tracking.model_name=ccnet_test"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def pipeline_run(ray_cluster, tmp_path_factory):
     from pipeline.run import run
 
     tmp = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(None, tiny_overrides(tmp))
+    cfg = load_config(None, pipeline_overrides(tmp))
     start = time.time()
     results = run(cfg)
     return cfg, results, tmp, time.time() - start

@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import tiny_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny(tmp: Path) -> list[str]:
-    return [f"run_dir={tmp / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-            "data.synthetic_train=32", "data.synthetic_val=8", "data.synthetic_size=64", "data.shard_size=16",
-            "train.batch_size=4", "train.crop=64", "train.log_every=5", "eval.overlays=1"]
 
 
 def test_cluster_yaml_validates_against_rays_schema():
@@ -43,7 +39,7 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
     from pipeline.config import load_config
     from pipeline.tune import search
 
-    cfg = load_config(None, tiny(tmp_path) + [
+    cfg = load_config(None, tiny_overrides(tmp_path) + [
         "train.iterations=40", "train.val_every=10", "tune.num_samples=4", "tune.max_concurrent=1",
         "tune.lr_min=1e-6", "tune.lr_max=0.1", "tune.recurrence=[2]",  # lr from useless to brisk: trials differ
         "tune.grace_period=1", "tune.reduction_factor=2", "tracking.model_name=ccnet_tuned"])
@@ -59,6 +55,7 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
                                 f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
     assert len(nested) == 4
     for run in nested:
+        assert run.info.status == "FINISHED"  # closed, the trials ASHA stopped too
         assert {"lr", "weight_decay", "recurrence", "ohem"} <= set(run.data.params)
         assert client.get_metric_history(run.info.run_id, "loss")
     best = summary["best"]
@@ -71,6 +68,56 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
     while ray.available_resources().get("CPU") != before and time.time() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU") == before
+
+
+def test_interrupted_search_resumes(ray_cluster, tmp_path):
+    """SIGKILL ``pipeline.tune`` after its first trial finished, run it again: the search resumes
+    (the finished trial is not run again, the others complete), one nested run per trial."""
+    import os
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    cmd = [sys.executable, "-m", "pipeline.tune", *tiny_overrides(tmp_path), f"ray_address={ray_cluster}",
+           "train.iterations=20", "train.val_every=10", "tune.num_samples=2", "tune.max_concurrent=1",
+           "tune.recurrence=[1]", "tune.grace_period=2", "tracking.model_name=ccnet_resumed"]
+    log = tmp_path / "tune_1.log"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # Tune's own record of the search says a trial has finished
+        assert proc.poll() is None, log.read_text()[-3000:]
+        state = list((tmp_path / "runs" / "ray_storage").glob("tune-*/experiment_state-*.json"))
+        if state and "TERMINATED" in state[0].read_text():
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("no trial finished:\n" + log.read_text()[-3000:])
+    proc.kill()
+    proc.wait()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("ccnet").experiment_id],
+                                "tags.`pipeline.kind` = 'tune'")[0]
+    nested = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    before = {r.data.tags["tune.trial_id"]: r for r in client.search_runs([parent.info.experiment_id], nested)}
+    done = [tid for tid, r in before.items() if [m.step for m in client.get_metric_history(r.info.run_id, "val_miou")]
+            == [10, 20]]
+    assert done, before
+
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming the search" in proc.stdout
+    assert f"MLflow parent run {parent.info.run_id}" in proc.stdout
+    after = client.search_runs([parent.info.experiment_id], nested)
+    assert len(after) == 2 and len({r.data.tags["tune.trial_id"] for r in after}) == 2  # no trial twice
+    assert set(before) <= {r.data.tags["tune.trial_id"] for r in after}
+    for run in after:
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [5, 10, 15, 20]
+    finished = {r.data.tags["tune.trial_id"]: r for r in after}
+    for tid in done:  # the finished trial was not trained again
+        assert finished[tid].data.metrics["val_miou"] == before[tid].data.metrics["val_miou"]
+        assert len(client.get_metric_history(finished[tid].info.run_id, "num_workers")) == 1
+    assert client.get_registered_model("ccnet_resumed") is not None
 
 
 MULTI_NODE = textwrap.dedent('''
@@ -110,7 +157,7 @@ def test_training_across_two_nodes(tmp_path):
     """A real two-node Ray cluster on this machine; the two workers on different nodes (DDP over gloo)."""
     from mlflow.tracking import MlflowClient
 
-    overrides = tiny(tmp_path) + ["train.iterations=20", "train.val_every=10", "scaling.num_workers=2",
+    overrides = tiny_overrides(tmp_path) + ["train.iterations=20", "train.val_every=10", "scaling.num_workers=2",
                                   "scaling.cpus_per_worker=1", "scaling.placement_strategy=STRICT_SPREAD",
                                   f"storage=file://{tmp_path / 'shared'}", "ray_address=auto"]
     script = tmp_path / "multi_node.py"

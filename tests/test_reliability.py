@@ -1,0 +1,322 @@
+"""Faults injected into real runs: a killed worker, a killed driver, a diverging loss, a changed
+shard, a malicious checkpoint; and what the project exposes on the network.
+
+The runs are ``python -m pipeline.run`` processes joined to the session's Ray instance, so a test
+can kill them (or their workers) the way an operator or a cluster would.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [p for pkg in ("ops", "ccnet", "data_prep", "pipeline") for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One run directory and MLflow database for the module: the data is prepared once."""
+    return tmp_path_factory.mktemp("reliability")
+
+
+def command(workdir: Path, gcs: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline.run", *tiny_overrides(workdir), f"ray_address={gcs}", *extra]
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    proc.wait(timeout=timeout)
+    return log.read_text()
+
+
+def mlflow_run(workdir: Path, overrides: list[str]):
+    """(client, parent run id) of the pipeline run with these overrides."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.dag import step_keys
+    from pipeline.tracking import RUN_KEY_TAG
+
+    cfg = load_config(None, tiny_overrides(workdir) + overrides)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return client, None
+    found = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{step_keys(cfg)['register']}'")
+    return client, (found[0].info.run_id if found else None)
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def committed(workdir: Path, overrides: list[str]) -> int | None:
+    """The iteration of the latest checkpoint Ray Train has committed (the one a restart would
+    use): its checkpoint manager's snapshot, written once the controller registers a report."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.dag import step_dir, step_keys
+
+    cfg = load_config(None, tiny_overrides(workdir) + overrides)
+    name = step_dir(cfg, "train", step_keys(cfg)["train"]).name
+    snapshot = workdir / "runs" / "ray_storage" / name / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["iteration"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # not yet written, or being written
+        return None
+
+
+def wait_for_training(workdir: Path, overrides: list[str], proc: subprocess.Popen, log: Path) -> int:
+    """Waits until a checkpoint is committed and training has gone on past it; returns its iteration."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before the fault was injected:\n" + log.read_text()[-3000:]
+        iteration = committed(workdir, overrides)
+        client, run_id = mlflow_run(workdir, overrides)
+        if iteration and run_id and (loss := steps(client, run_id, "loss")) and loss[-1] > iteration:
+            return iteration
+        time.sleep(0.1)
+    raise AssertionError("training never committed a checkpoint:\n" + log.read_text()[-3000:])
+
+
+def train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in actors)
+
+
+def assert_steps_once(client, run_id: str, iterations: int, val_every: int) -> None:
+    """Every logged step once: no gap, no duplicate."""
+    assert steps(client, run_id, "loss") == list(range(5, iterations + 1, 5))
+    assert steps(client, run_id, "lr") == list(range(5, iterations + 1, 5))
+    assert steps(client, run_id, "val_miou") == list(range(val_every, iterations + 1, val_every))
+
+
+# --- 1. a training worker killed -------------------------------------------------------------
+
+WORKER_LOSS = ["train.iterations=120", "train.val_every=40", "train.max_failures=2", "train.seed=11"]
+
+
+def test_training_survives_a_killed_worker(ray_cluster, workdir):
+    """SIGKILL one of the two DDP workers mid-run: Ray Train restarts the group from the latest
+    committed checkpoint (or a newer one); the run completes all iterations and every MLflow step
+    is logged exactly once."""
+    log = workdir / "worker_loss.log"
+    proc = start(command(workdir, ray_cluster, WORKER_LOSS), log)
+    kept_at = wait_for_training(workdir, WORKER_LOSS, proc, log)
+    pids = train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-4000:]
+    client, run_id = mlflow_run(workdir, WORKER_LOSS)
+    restarts = steps(client, run_id, "num_workers")  # logged when a worker group starts
+    assert len(restarts) == 2 and restarts[0] == 0, restarts
+    assert restarts[1] >= kept_at and restarts[1] % 40 == 0, (restarts, kept_at)  # no checkpoint lost
+    assert f"resumed from the checkpoint of iteration {restarts[1]}" in out
+    assert_steps_once(client, run_id, 120, 40)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# --- 2. the driver killed and started again ------------------------------------------------------
+
+DRIVER_LOSS = ["train.iterations=120", "train.val_every=40", "train.seed=12"]
+
+
+def test_rerun_after_a_killed_driver_resumes_training(ray_cluster, workdir):
+    """SIGKILL ``pipeline.run`` during training, run it again with the same arguments: prepare
+    is skipped, training resumes from its checkpoint instead of starting over."""
+    cmd = command(workdir, ray_cluster, DRIVER_LOSS)
+    log = workdir / "driver_loss_1.log"
+    proc = start(cmd, log)
+    kept_at = wait_for_training(workdir, DRIVER_LOSS, proc, log)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60  # its workers go with it (their owner is gone)
+    while train_worker_pids() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not train_worker_pids()
+    client, run_id = mlflow_run(workdir, DRIVER_LOSS)
+    logged_before = steps(client, run_id, "loss")
+
+    log = workdir / "driver_loss_2.log"
+    out = finish(start(cmd, log), log)
+    assert "[prepare] complete, skipped" in out and "[train] running" in out, out[-4000:]
+    resumed = int(re.search(r"resumed from the checkpoint of iteration (\d+)", out).group(1))
+    assert resumed >= kept_at and resumed % 40 == 0, (resumed, kept_at)
+    assert "prepare: skipped (complete)" in out and "train: ran" in out
+    client, same_run = mlflow_run(workdir, DRIVER_LOSS)
+    assert same_run == run_id  # the same MLflow run goes on
+    assert steps(client, run_id, "num_workers") == [0, resumed]
+    assert steps(client, run_id, "loss")[:len(logged_before)] == logged_before
+    assert_steps_once(client, run_id, 120, 40)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# --- 3. a loss that is not finite ------------------------------------------------------------
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, workdir):
+    overrides = ["train.iterations=40", "train.val_every=10", "train.max_failures=0", "train.seed=13"]
+    log = workdir / "diverge_stop.log"
+    out = finish(start(command(workdir, ray_cluster, overrides), log, {"CCNET_FAULT_NONFINITE_AT": "23"}), log)
+    assert out and "the loss is not finite at iteration 23" in out, out[-4000:]
+    assert "the last good checkpoint (iteration 20) is kept" in out
+    client, run_id = mlflow_run(workdir, overrides)
+    assert steps(client, run_id, "val_miou") == [10, 20] and steps(client, run_id, "loss")[-1] == 20
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import load_config
+    from pipeline.dag import step_dir, step_keys
+
+    cfg = load_config(None, tiny_overrides(workdir) + overrides)
+    name = step_dir(cfg, "train", step_keys(cfg)["train"]).name
+    kept = [load_checkpoint(p) for p in (workdir / "runs" / "ray_storage" / name).glob("checkpoint_*/checkpoint.pt")]
+    assert max(c["iteration"] for c in kept) == 20
+    assert all(torch.isfinite(t).all() for c in kept for t in c["model"].values() if t.is_floating_point())
+
+
+def test_nonfinite_loss_skipped_and_counted_when_configured(ray_cluster, workdir):
+    overrides = ["train.iterations=40", "train.val_every=40", "train.nonfinite=skip", "train.seed=14"]
+    log = workdir / "diverge_skip.log"
+    proc = start(command(workdir, ray_cluster, overrides), log, {"CCNET_FAULT_NONFINITE_AT": "13,17"})
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-4000:]
+    assert "iteration 13: the loss is not finite; the step is skipped (1 so far)" in out
+    client, run_id = mlflow_run(workdir, overrides)
+    skipped = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "skipped_steps"))
+    assert skipped == [(13, 1.0), (17, 2.0)]
+    assert steps(client, run_id, "loss") == list(range(5, 41, 5))
+    assert all(m.value == m.value for m in client.get_metric_history(run_id, "loss"))  # no NaN averaged in
+
+
+# --- 4. a shard changed after preparation -------------------------------------------------------
+
+def test_changed_shard_is_refused_before_training(ray_cluster, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    cfg = load_config(None, tiny_overrides(tmp_path) + ["train.iterations=10", "train.val_every=10"])
+    prepared = run(cfg, only="prepare")["prepare"]["prepared"]
+    shard = sorted(Path(prepared).rglob("*.parquet"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=re.escape(str(shard)) + ".*does not match the sha256"):
+        run(cfg)
+    assert not (tmp_path / "runs" / "ray_storage").exists()  # the trainer never started
+    client, run_id = mlflow_run(tmp_path, ["train.iterations=10", "train.val_every=10"])
+    assert not client.get_metric_history(run_id, "loss")
+
+
+# --- 5. a checkpoint that would run code -----------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    from pipeline.checkpoint import load_checkpoint
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "checkpoint.pt"
+    torch.save({"model": _Payload(marker), "iteration": 1}, evil)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    # the same file through the command line
+    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", "--model", str(evil), "--input", str(evil),
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "refusing to load" in proc.stderr
+    assert not marker.exists()
+    # the control: the same payload, unpickled without the guard, does run its code
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    calls = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and \
+                    getattr(node.func.value, "id", None) == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                calls.append((path.name, node.lineno))
+                assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
+                    f"{path}:{node.lineno} calls torch.load without weights_only=True"
+    assert calls  # the scan found the loader
+
+
+# --- 6. what listens on the network ------------------------------------------------------------
+
+def _external_ip() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outward interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_dashboard_listens_on_loopback_only(ray_cluster):
+    """The session's Ray, started by the pipeline's ``init_ray``: its dashboard answers on
+    127.0.0.1 and not on the machine's own address."""
+    from ray._private.worker import get_dashboard_url
+
+    host, port = get_dashboard_url().rsplit(":", 1)
+    assert host == "127.0.0.1"
+    with socket.socket() as s:
+        s.settimeout(3)
+        assert s.connect_ex(("127.0.0.1", int(port))) == 0  # it is up
+    ip = _external_ip()
+    if ip is not None:
+        with socket.socket() as s:
+            s.settimeout(3)
+            assert s.connect_ex((ip, int(port))) != 0, f"the dashboard answers on {ip}:{port}"
+
+
+def test_documented_servers_bind_to_loopback():
+    """Every MLflow server or UI and every Ray head the project documents or starts for one machine
+    binds to 127.0.0.1; on the cluster, MLflow binds to the private IP and nothing to 0.0.0.0."""
+    texts = {p: p.read_text() for p in [ROOT / "README.md", ROOT / "cluster.yaml", *SOURCES]}
+    found = 0
+    for path, text in texts.items():
+        assert "0.0.0.0" not in text, path
+        for line in text.splitlines():
+            if re.search(r"mlflow (ui|server)\b", line) and "--host" in line:
+                found += 1
+                host = re.search(r"--host[ =]([^\s\"']+)", line).group(1)
+                private_ip = "$(hostname -I" in line and path.name == "cluster.yaml"
+                assert host == "127.0.0.1" or private_ip, f"{path.name}: {line.strip()}"
+            if re.search(r"ray start --head", line):
+                found += 1
+                assert "--dashboard-host=127.0.0.1" in line, f"{path.name}: {line.strip()}"
+    assert found >= 3
+    for path in SOURCES:  # every ray.init the code makes: no dashboard, or one on 127.0.0.1
+        src = path.read_text()
+        for m in re.finditer(r"include_dashboard[\"']?[=:] ?(\w+)", src):
+            assert m.group(1) == "False" or '"dashboard_host": "127.0.0.1"' in src, path
