@@ -43,8 +43,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     if not ray.is_initialized():
         env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-                 "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the driver once, not twice
-                 "PYTHONWARNINGS": "ignore::UserWarning"}
+               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the driver once, not twice
+               "PYTHONWARNINGS": "ignore::UserWarning"}
         env |= {k: v for k, v in os.environ.items() if k.startswith("CCNET_")}
         local = {} if cfg.ray_address else {  # a new local Ray; joining a cluster takes its settings
             "num_cpus": cfg.num_cpus, "include_dashboard": True,  # Ray Train's state queries need it

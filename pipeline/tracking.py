@@ -70,7 +70,6 @@ class MetricLogger:
         if self.enabled:
             for key in self._client.get_run(run_id).data.metrics:
                 self._last[key] = max(m.step for m in self._client.get_metric_history(run_id, key))
-        self.skipped = 0  # (key, step) pairs already logged by an earlier attempt
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -79,7 +78,6 @@ class MetricLogger:
 
         ts = int(time.time() * 1000)
         fresh = [Metric(k, float(v), ts, step) for k, v in metrics.items() if step > self._last.get(k, -1)]
-        self.skipped += len(metrics) - len(fresh)
         if fresh:
             self._client.log_batch(self.run_id, metrics=fresh)
             self._last.update({m.key: step for m in fresh})

@@ -140,11 +140,8 @@ def search(cfg: PipelineConfig) -> dict:
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_miou", mode="max")
     summary = {"parent_run_id": parent_id, "uri": uri, "trials": [], "best": None}
-    c = client(uri)
-    for r in grid:  # Tune ends a trial ASHA stops (or that reached max_t) itself: its run is closed here
-        trial_id = (r.metrics or {}).get("trial_id")
-        if trial_id and (run_id := nested_run(c, parent_id, trial_id)):
-            c.set_terminated(run_id, status="FAILED" if r.error else "FINISHED")
+    close_trial_runs(client(uri), parent_id, grid)
+    for r in grid:
         summary["trials"].append({"trial_id": r.path.rstrip("/").split("/")[-1], "params": r.config,
                                   "val_miou": (r.metrics or {}).get("val_miou"),
                                   "iteration": (r.metrics or {}).get("iteration"),
