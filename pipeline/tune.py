@@ -41,14 +41,6 @@ def apply(cfg: PipelineConfig, params: dict) -> PipelineConfig:
     return dataclasses.replace(cfg, train=train, model=model)
 
 
-def nested_run(c, parent_id: str, trial_id: str) -> str | None:
-    """The id of the trial's nested run under the search's parent run, if it has one."""
-    parent = c.get_run(parent_id)
-    found = c.search_runs([parent.info.experiment_id], f"tags.`tune.trial_id` = '{trial_id}' and "
-                          f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
-    return found[0].info.run_id if found else None
-
-
 def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: PipelineConfig, params: dict) -> str:
     """The trial's nested MLflow run (reused when a resumed search restarts the trial)."""
     from mlflow.entities import Param
@@ -56,10 +48,13 @@ def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: Pip
     from .tracking import client
 
     c = client(uri)
-    if (run_id := nested_run(c, parent_id, trial_id)) is not None:
-        c.update_run(run_id, status="RUNNING")
-        return run_id
-    run = c.create_run(c.get_run(parent_id).info.experiment_id, run_name=trial_name,
+    experiment = c.get_run(parent_id).info.experiment_id
+    found = c.search_runs([experiment], f"tags.`tune.trial_id` = '{trial_id}' and "
+                          f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = c.create_run(experiment, run_name=trial_name,
                        tags={"mlflow.parentRunId": parent_id, "tune.trial_id": trial_id})
     c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()]
                 + [Param("model.recurrence", str(cfg.model.recurrence)), Param("train.lr", str(cfg.train.lr))])

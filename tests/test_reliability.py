@@ -46,15 +46,20 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
     return log.read_text()
 
 
+def config(workdir: Path, overrides: list[str]):
+    from pipeline.config import load_config
+
+    return load_config(None, tiny_overrides(workdir) + overrides)
+
+
 def mlflow_run(workdir: Path, overrides: list[str]):
     """(client, parent run id) of the pipeline run with these overrides."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import load_config
     from pipeline.dag import step_keys
     from pipeline.tracking import RUN_KEY_TAG
 
-    cfg = load_config(None, tiny_overrides(workdir) + overrides)
+    cfg = config(workdir, overrides)
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
@@ -67,29 +72,34 @@ def steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def committed(workdir: Path, overrides: list[str]) -> int | None:
+def train_storage(workdir: Path, overrides: list[str]) -> Path:
+    """The Ray Train directory (checkpoints, snapshot) of the run with these overrides."""
+    from pipeline.dag import step_dir, step_keys
+    from pipeline.train import storage_for
+
+    cfg = config(workdir, overrides)
+    return Path(storage_for(cfg)) / step_dir(cfg, "train", step_keys(cfg)["train"]).name
+
+
+def committed(storage: Path) -> int | None:
     """The iteration of the latest checkpoint Ray Train has committed (the one a restart would
     use): its checkpoint manager's snapshot, written once the controller registers a report."""
     import json
 
-    from pipeline.config import load_config
-    from pipeline.dag import step_dir, step_keys
-
-    cfg = load_config(None, tiny_overrides(workdir) + overrides)
-    name = step_dir(cfg, "train", step_keys(cfg)["train"]).name
-    snapshot = workdir / "runs" / "ray_storage" / name / "checkpoint_manager_snapshot.json"
     try:
-        return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["iteration"]
+        snapshot = (storage / "checkpoint_manager_snapshot.json").read_text()
+        return json.loads(snapshot)["latest_checkpoint_result"]["metrics"]["iteration"]
     except (FileNotFoundError, ValueError, KeyError, TypeError):  # not yet written, or being written
         return None
 
 
 def wait_for_training(workdir: Path, overrides: list[str], proc: subprocess.Popen, log: Path) -> int:
     """Waits until a checkpoint is committed and training has gone on past it; returns its iteration."""
+    storage = train_storage(workdir, overrides)
     deadline = time.time() + 240
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before the fault was injected:\n" + log.read_text()[-3000:]
-        iteration = committed(workdir, overrides)
+        iteration = committed(storage)
         client, run_id = mlflow_run(workdir, overrides)
         if iteration and run_id and (loss := steps(client, run_id, "loss")) and loss[-1] > iteration:
             return iteration
@@ -185,12 +195,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, wo
     assert client.get_run(run_id).info.status == "FAILED"
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.config import load_config
-    from pipeline.dag import step_dir, step_keys
 
-    cfg = load_config(None, tiny_overrides(workdir) + overrides)
-    name = step_dir(cfg, "train", step_keys(cfg)["train"]).name
-    kept = [load_checkpoint(p) for p in (workdir / "runs" / "ray_storage" / name).glob("checkpoint_*/checkpoint.pt")]
+    kept = [load_checkpoint(p) for p in train_storage(workdir, overrides).glob("checkpoint_*/checkpoint.pt")]
     assert max(c["iteration"] for c in kept) == 20
     assert all(torch.isfinite(t).all() for c in kept for t in c["model"].values() if t.is_floating_point())
 
@@ -212,10 +218,9 @@ def test_nonfinite_loss_skipped_and_counted_when_configured(ray_cluster, workdir
 # --- 4. a shard changed after preparation -------------------------------------------------------
 
 def test_changed_shard_is_refused_before_training(ray_cluster, tmp_path):
-    from pipeline.config import load_config
     from pipeline.run import run
 
-    cfg = load_config(None, tiny_overrides(tmp_path) + ["train.iterations=10", "train.val_every=10"])
+    cfg = config(tmp_path, ["train.iterations=10", "train.val_every=10"])
     prepared = run(cfg, only="prepare")["prepare"]["prepared"]
     shard = sorted(Path(prepared).rglob("*.parquet"))[1]
     data = bytearray(shard.read_bytes())
