@@ -8,6 +8,7 @@ multi-scale and flip average logits across scales and the mirrored pass, as the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -16,6 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import upsample_to
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str, device: torch.device | str):
+    """``torch.autocast`` on the device's type for amp = "bf16" or "fp16"; a no-op for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
 def _logits(model: nn.Module | Callable[[Tensor], object], x: Tensor) -> Tensor:
@@ -75,8 +88,11 @@ class InferenceConfig:
     stride: int = 513
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    amp: str = "none"  # none | bf16 | fp16: the forward passes under autocast; logits averaged in float32
 
     def __post_init__(self) -> None:
+        if self.amp != "none" and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"inference mode must be 'whole' or 'slide', got {self.mode!r}")
         if not self.scales or min(self.scales) <= 0:
@@ -103,7 +119,8 @@ def predict(model, images: Tensor, cfg: InferenceConfig = InferenceConfig()) -> 
                                                              align_corners=False)
         views = [(scaled, False)] + ([(scaled.flip(-1), True)] if cfg.flip else [])
         for view, flipped in views:
-            logits = _single_scale(model, view, cfg)
+            with autocast(cfg.amp, images.device):
+                logits = _single_scale(model, view, cfg).float()
             logits = upsample_to(logits.flip(-1) if flipped else logits, (H, W))
             total = logits if total is None else total + logits
             passes += 1

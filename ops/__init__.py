@@ -14,6 +14,7 @@ from .criss_cross import (
     criss_cross_attention,
     get_implementation,
     load_compiled,
+    require_compiled,
     set_implementation,
     use_implementation,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "get_implementation",
     "load_compiled",
     "reference",
+    "require_compiled",
     "set_implementation",
     "use_implementation",
 ]

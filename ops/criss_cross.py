@@ -13,6 +13,16 @@ are closed under differentiation, so every backward below is built from register
 Implementations: ``"compiled"`` (the default; the C++/CUDA kernels, built on first use) and
 ``"reference"`` (pure PyTorch, ``ops.reference``). Choose with ``set_implementation``,
 ``use_implementation`` or the environment variable ``CCNET_OPS_IMPL``.
+
+The dtype contract, the same for both implementations and on every device:
+
+- q, k and v share one dtype: float64, float32, float16 or bfloat16. Under ``torch.autocast``
+  they are first cast to the autocast dtype (so float32 inputs, or a mix, are accepted there);
+  the three registered ops carry that autocast rule too, for callers that use them directly.
+- Energies and aggregations accumulate in float32 (float64 for float64) and are stored in the
+  inputs' dtype.
+- The softmax over the H + W - 1 slots runs in float32 (float64 for float64); the attention
+  map is then cast to the value's dtype, and the output has the value's dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from torch import Tensor
 
 from . import extension, reference
 from .checks import check_aggregate_args, check_energy_args, check_inputs
+from .dtypes import autocast_inputs, softmax_slots
 
 IMPLEMENTATIONS = ("compiled", "reference")
 
@@ -87,12 +98,8 @@ def _reason(text: str | None, lines: int = 8) -> str:
     return "\n".join((errors or log)[-lines:])
 
 
-def load_compiled() -> extension.BuildInfo | None:
-    """Builds (or loads from the cache) the kernels once per process.
-
-    Returns None after one warning when they cannot be built; raises ``extension.BuildError``
-    instead when CCNET_OPS_STRICT=1.
-    """
+def _load() -> extension.BuildInfo | None:
+    """Builds (or loads from the cache) the kernels once per process; None when that failed."""
     if not _state.tried:
         _state.tried = True
         try:
@@ -100,13 +107,53 @@ def load_compiled() -> extension.BuildInfo | None:
             _register_python_side()
         except extension.BuildError as exc:
             _state.error = str(exc)
-    if _state.info is None:
+    return _state.info
+
+
+def load_compiled() -> extension.BuildInfo | None:
+    """Builds (or loads from the cache) the kernels once per process.
+
+    Returns None after one warning when they cannot be built; raises ``extension.BuildError``
+    instead when CCNET_OPS_STRICT=1.
+    """
+    if _load() is None:
         if extension.strict():
             raise extension.BuildError(_state.error or "the compiled kernels are not available")
         _warn_once("build", f"ops: the compiled criss-cross attention kernels are unavailable "
                             f"({_reason(_state.error)}); the pure-PyTorch reference runs instead. "
                             "Set CCNET_OPS_STRICT=1 to make this an error.")
     return _state.info
+
+
+_FIX = ("Fix: install a C++ compiler and, on GPU nodes, the CUDA toolkit (nvcc) matching PyTorch's CUDA; "
+        "build ahead of time on every node with `python -m ops.build --cuda`; or choose the pure-PyTorch "
+        "reference on purpose (model.attention_impl=reference, or CCNET_OPS_IMPL=reference).")
+
+
+def require_compiled(device: torch.device | str) -> extension.BuildInfo:
+    """The compiled kernels for ``device``, or ``extension.BuildError`` saying why they are not
+    there and how to fix it: for callers (the training workers) that must not fall back.
+
+    On CUDA the library must hold the CUDA kernels, and the visible GPU must be one the build's
+    architectures run on.
+    """
+    device = torch.device(device)
+    info = _load()
+    if info is not None and device.type not in info.devices:
+        possible, why = extension.cuda_build_possible()
+        why = why if not possible else "CCNET_OPS_CUDA=0 left the CUDA sources out"
+        raise extension.BuildError(f"ops: the CUDA kernels were not built on this node: {why}. {_FIX}")
+    if info is None:
+        raise extension.BuildError(f"ops: the compiled criss-cross attention kernels cannot be built or "
+                                   f"loaded for {device.type}:\n{_reason(_state.error, 20)}\n{_FIX}")
+    if device.type == "cuda":
+        archs, capability = extension.cuda_arch_list(), torch.cuda.get_device_capability(device)
+        if not extension.arch_covers(archs, capability):
+            raise extension.BuildError(
+                f"ops: the CUDA kernels were built for TORCH_CUDA_ARCH_LIST={archs!r}, which does not run on "
+                f"this GPU (compute capability {capability[0]}.{capability[1]}); set TORCH_CUDA_ARCH_LIST to "
+                "include it, the same on every node, and rebuild with `python -m ops.build --cuda`.")
+    return info
 
 
 def _compiled_serves(device: torch.device) -> bool:
@@ -134,11 +181,12 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, implementation: st
         out (N, C, H, W): for each pixel, the softmax-weighted sum of the values on its row and
         column (H + W - 1 pixels, itself once).
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_inputs(q, k, v)
     name = _validate(implementation) if implementation is not None else get_implementation()
     if name == "compiled" and _compiled_serves(q.device):
-        attn = torch.softmax(torch.ops.ccnet_ops.cc_energy(q, k), dim=1)  # (N, H + W - 1, H, W)
-        return torch.ops.ccnet_ops.cc_aggregate(attn, v)
+        energy = torch.ops.ccnet_ops.cc_energy(q, k)  # (N, H + W - 1, H, W)
+        return torch.ops.ccnet_ops.cc_aggregate(softmax_slots(energy, v.dtype), v)
     return reference.criss_cross_attention(q, k, v)
 
 
@@ -197,7 +245,35 @@ def _register_python_side() -> None:
         name = f"{extension.LIBRARY}::{op}"
         torch.library.register_fake(name)(fake)
         torch.library.register_autograd(name, backward, setup_context=_save_inputs)
+        for device_type in ("cpu", "cuda"):
+            _register_autocast(op, device_type)
     _register_flop_formulas()
+
+
+_libraries: list[torch.library.Library] = []  # registrations live as long as their Library
+
+
+def _register_autocast(op_name: str, device_type: str) -> None:
+    """Under autocast, the op casts its floating inputs to the autocast dtype of the moment (as
+    ``torch.library.register_autocast`` does, which fixes one dtype at registration), so that
+    a float32 attention map from the float32 softmax meets a bfloat16 value. Registered on the
+    dispatcher and as a Python kernel, so eager code and ``torch.compile`` both see it."""
+    op = getattr(getattr(torch.ops, extension.LIBRARY), op_name).default
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    dispatch_key = getattr(torch._C.DispatchKey, key)
+
+    def cast_and_call(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
+            return op(*(a.to(dtype) if a.is_floating_point() and a.device.type == device_type else a
+                        for a in args))
+
+    if op.has_kernel_for_dispatch_key(dispatch_key):
+        op.py_kernels.pop(dispatch_key)
+    op.py_impl(dispatch_key)(cast_and_call)
+    if not _libraries:
+        _libraries.append(torch.library.Library(extension.LIBRARY, "IMPL"))
+    _libraries[0].impl(op_name, lambda _keyset, *args: cast_and_call(*args), key, with_keyset=True)
 
 
 def _register_flop_formulas() -> None:

@@ -15,7 +15,12 @@ Environment:
     CCNET_OPS_CACHE   cache directory (default: ``~/.cache/ccnet_ops``)
     CCNET_OPS_STRICT  ``1``: a failed build is an error instead of a warning and a fallback
     CCNET_OPS_CUDA    ``0``: never compile the CUDA sources; ``1``: always (error if impossible)
-    TORCH_CUDA_ARCH_LIST  CUDA architectures (default: the visible GPU's, else "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST  CUDA architectures (default: ``DEFAULT_CUDA_ARCHS``, never the visible GPU's,
+                      so an ahead-of-time build on any node and the run on a GPU node share one key)
+
+Several processes on one node (the training workers of a GPU node) build under one file lock:
+the first compiles, the others wait and load its library. Each prints what it did and how long
+it took.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 LIBRARY = "ccnet_ops"
-DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100/H200 when no GPU is visible to pick from
+# A100, A10/A40/RTX 30xx, H100/H200; "+PTX" embeds compute_90 PTX that newer GPUs JIT-compile.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 CXX_FLAGS = ["-O3", "-fopenmp", "-march=native"]
 CUDA_FLAGS = ["-O3"]
 
@@ -51,6 +57,7 @@ class BuildInfo:
     build_dir: Path
     with_cuda: bool
     seconds: float
+    compiled: bool  # False: loaded from the cache
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -125,13 +132,27 @@ def want_cuda(require: bool | None = None) -> bool:
 
 
 def cuda_arch_list() -> str:
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if archs:
-        return archs
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
-    return DEFAULT_CUDA_ARCHS
+    """The CUDA architectures to build for: TORCH_CUDA_ARCH_LIST, else DEFAULT_CUDA_ARCHS.
+
+    Never derived from the visible GPU: the ahead-of-time build (``cluster.yaml`` runs it on
+    every node, GPU or not) and the run on a GPU node must compute the same build key.
+    """
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+
+
+def arch_covers(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability runs code built for ``archs``: an exact SASS
+    target of its major version at or below it, or PTX at or below it (JIT-compiled)."""
+    major, minor = capability
+    for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        version, ptx = entry.removesuffix("+PTX"), entry.endswith("+PTX")
+        a_major, _, a_minor = version.partition(".")
+        target = (int(a_major), int(a_minor or 0))
+        if (ptx and target <= (major, minor)) or (target[0] == major and target[1] <= minor):
+            return True
+    return False
 
 
 def _cpu_signature() -> str:
@@ -147,15 +168,20 @@ def _cpu_signature() -> str:
 
 def build_key(with_cuda: bool) -> str:
     digest = hashlib.sha256()
-    sources = cpp_sources() + sorted(CSRC.glob("*.h")) + (cuda_sources() if with_cuda else [])
-    for path in sources:
-        digest.update(path.name.encode())
+    cuda_files = sorted(p for p in (CSRC / "cuda").rglob("*") if p.is_file()) if with_cuda else []
+    for path in cpp_sources() + sorted(CSRC.glob("*.h")) + cuda_files:
+        digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
     parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), *CXX_FLAGS]
     if with_cuda:
         parts += [str(cuda_home()), cuda_arch_list(), *CUDA_FLAGS]
     digest.update("\0".join(parts).encode())
     return digest.hexdigest()[:16]
+
+
+def library_name(with_cuda: bool) -> str:
+    """The library's name: its kind and build key (also its folder in the cache)."""
+    return f"{LIBRARY}_{'cuda' if with_cuda else 'cpu'}_{build_key(with_cuda)}"
 
 
 def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
@@ -177,24 +203,33 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
 
     if with_cuda:
         cpp_extension.CUDA_HOME = str(home)  # in case it was imported before, with a guess
-    key = build_key(with_cuda)
-    name = f"{LIBRARY}_{'cuda' if with_cuda else 'cpu'}_{key}"
+    name = library_name(with_cuda)
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(p) for p in cpp_sources() + (cuda_sources() if with_cuda else [])]
+    from filelock import FileLock
+
     start = time.perf_counter()
-    try:
-        library = cpp_extension.load(
-            name=name,
-            sources=sources,
-            extra_cflags=CXX_FLAGS,
-            extra_cuda_cflags=cuda_flags,
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(build_dir),
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
-    except Exception as exc:  # compiler errors, missing toolchain, unloadable library
-        raise BuildError(f"building {name} in {build_dir} failed: {exc}") from exc
-    return BuildInfo(Path(library), build_dir, with_cuda, time.perf_counter() - start)
+    with FileLock(str(build_dir) + ".lock"):  # one compiler per node; the others wait, then load
+        waited = time.perf_counter() - start
+        cached = (build_dir / f"{name}.so").exists()
+        try:
+            library = cpp_extension.load(
+                name=name,
+                sources=sources,
+                extra_cflags=CXX_FLAGS,
+                extra_cuda_cflags=cuda_flags,
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except Exception as exc:  # compiler errors, missing toolchain, unloadable library
+            raise BuildError(f"building {name} in {build_dir} failed: {exc}") from exc
+    seconds = time.perf_counter() - start
+    how = "loaded from the cache" if cached else "compiled"
+    print(f"ops: {name} {how} in {seconds:.1f} s"
+          + (f" ({waited:.1f} s waiting for another process's build)" if waited >= 0.5 else ""),
+          file=sys.stderr, flush=True)
+    return BuildInfo(Path(library), build_dir, with_cuda, seconds, not cached)

@@ -15,17 +15,20 @@ import torch
 from torch import Tensor
 
 from .checks import check_aggregate_args, check_energy_args, check_inputs
+from .dtypes import autocast_inputs, softmax_slots
 
 
 def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """out (N, C, H, W) from query, key (N, C', H, W) and value (N, C, H, W)."""
+    """out (N, C, H, W) from query, key (N, C', H, W) and value (N, C, H, W); the dtype contract
+    of ``ops.criss_cross`` (softmax in float32 at least, output in the value's dtype)."""
+    q, k, v = autocast_inputs(q, k, v)
     check_inputs(q, k, v)
     H = q.shape[2]
     e_row = torch.einsum("ncyx,ncyi->nyxi", q, k)  # (N, H, W, W): key (y, i)
     e_col = torch.einsum("ncyx,nckx->nyxk", q, k)  # (N, H, W, H): key (k, x)
     self_slot = torch.eye(H, dtype=torch.bool, device=q.device).view(1, H, 1, H)
     e_col = e_col.masked_fill(self_slot, float("-inf"))  # the centre lives in the row part
-    attn = torch.softmax(torch.cat([e_row, e_col], dim=-1), dim=-1)
+    attn = softmax_slots(torch.cat([e_row, e_col], dim=-1), v.dtype, dim=-1)
     a_row, a_col = attn.split([q.shape[3], H], dim=-1)
     return torch.einsum("nyxi,ncyi->ncyx", a_row, v) + torch.einsum("nyxk,nckx->ncyx", a_col, v)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import ops
 from ccnet import build_ccnet
 
 from .config import PipelineConfig, from_dict, to_dict
@@ -25,6 +26,23 @@ def model_from_config(cfg: PipelineConfig, num_classes: int, *, pretrained: bool
     return build_ccnet(num_classes, backbone=m.backbone, recurrence=m.recurrence, share_weights=m.share_weights,
                        attention=m.attention, aux=m.aux, head_channels=m.head_channels,
                        pretrained=m.pretrained if pretrained else None)
+
+
+def uses_attention_op(cfg: PipelineConfig) -> bool:
+    """Whether the model calls the criss-cross attention op at all."""
+    return cfg.model.attention == "cca" and cfg.model.recurrence > 0
+
+
+def select_attention(cfg: PipelineConfig, device: torch.device | str) -> ops.extension.BuildInfo | None:
+    """The implementation of model.attention_impl (CCNET_OPS_IMPL, where set, overrides it: the
+    way to serve a registered model on a machine without a compiler) in this process; with
+    "compiled", the kernels for the device or ``ops.extension.BuildError`` (the compiler's error
+    and the fix): training, evaluation and serving never fall back to another implementation."""
+    import os
+
+    impl = os.environ.get("CCNET_OPS_IMPL") or cfg.model.attention_impl
+    ops.set_implementation(impl)
+    return ops.require_compiled(device) if impl == "compiled" and uses_attention_op(cfg) else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -49,6 +49,7 @@ class ModelConfig:
     recurrence: int = 2
     share_weights: bool = True
     attention: str = "cca"  # cca | non_local
+    attention_impl: str = "compiled"  # compiled (C++/CUDA kernels; training stops if they cannot build) | reference
     aux: bool = True
     head_channels: int | None = None
     pretrained: str | None = None  # backbone weights file, or "hub"
@@ -72,7 +73,7 @@ class TrainConfig:
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000
     sync_bn: bool = False
-    amp: str = "none"  # none | bf16 | fp16 (GPU only)
+    amp: str = "none"  # none | bf16 (GPU or CPU) | fp16 (GPU only, with a gradient scaler)
     val_every: int = 500
     log_every: int = 50
     seed: int = 0
@@ -98,6 +99,8 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     overlays: int = 4  # validation images drawn with their predictions
+    amp: str | None = None  # inference precision: none | bf16 | fp16; None: train.amp on CUDA, none on CPU
+    batch_size: int = 4  # images per forward in evaluation and prediction
 
 
 @dataclasses.dataclass
@@ -144,7 +147,9 @@ class PipelineConfig:
 CHOICES = {
     "data.source": ("cityscapes", "ade20k", "voc", "folder", "synthetic"),
     "model.attention": ("cca", "non_local"),
+    "model.attention_impl": ("compiled", "reference"),
     "train.amp": ("none", "bf16", "fp16"),
+    "eval.amp": (None, "none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
     "eval.mode": ("whole", "slide"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -161,7 +166,7 @@ def _check(cfg: PipelineConfig) -> None:
     if cfg.model.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone={cfg.model.backbone!r}: choose one of {sorted(BACKBONES)}")
     positive = ["train.iterations", "train.batch_size", "train.crop", "train.val_every", "train.log_every",
-                "scaling.num_workers", "data.shard_size"]
+                "scaling.num_workers", "data.shard_size", "eval.batch_size"]
     for key in positive:
         if flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
@@ -176,8 +181,12 @@ def _check(cfg: PipelineConfig) -> None:
     for key in ("weight_decay", "recurrence", "ohem"):
         if not getattr(cfg.tune, key):
             raise ConfigError(f"tune.{key} must list at least one value")
-    if cfg.train.amp != "none" and not cfg.scaling.use_gpu:
-        raise ConfigError(f"train.amp={cfg.train.amp!r} needs scaling.use_gpu=true")
+    if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
+        raise ConfigError("train.amp='fp16' needs scaling.use_gpu=true (float16 training needs a CUDA gradient "
+                          "scaler); on CPU use train.amp=bf16")
+    if cfg.train.sync_bn and not cfg.scaling.use_gpu:
+        raise ConfigError("train.sync_bn=true needs scaling.use_gpu=true: SyncBatchNorm runs on CUDA only "
+                          "(PyTorch has no CPU kernels for it); on CPU workers set train.sync_bn=false")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

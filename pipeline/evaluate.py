@@ -13,13 +13,21 @@ import torch
 
 from ccnet import ConfusionMatrix, InferenceConfig, predict
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, select_attention
 from .config import PipelineConfig
 
 
-def inference_config(cfg: PipelineConfig) -> InferenceConfig:
+def eval_precision(cfg: PipelineConfig, device: torch.device | str) -> str:
+    """eval.amp, else the training's precision on CUDA and float32 on the CPU."""
+    if cfg.eval.amp is not None:
+        return cfg.eval.amp
+    return cfg.train.amp if torch.device(device).type == "cuda" else "none"
+
+
+def inference_config(cfg: PipelineConfig, device: torch.device | str = "cpu") -> InferenceConfig:
     e = cfg.eval
-    return InferenceConfig(mode=e.mode, crop=e.crop, stride=e.stride, scales=tuple(e.scales), flip=e.flip)
+    return InferenceConfig(mode=e.mode, crop=e.crop, stride=e.stride, scales=tuple(e.scales), flip=e.flip,
+                           amp=eval_precision(cfg, device))
 
 
 def colorize(label: np.ndarray, palette: list) -> np.ndarray:
@@ -47,6 +55,18 @@ def confusion_image(mat: np.ndarray, cell: int = 24) -> np.ndarray:
     return cv2.resize(heat, (mat.shape[1] * cell, mat.shape[0] * cell), interpolation=cv2.INTER_NEAREST)
 
 
+def same_size_batches(rows, batch_size: int):
+    """Lists of consecutive rows whose images share one size, at most batch_size long."""
+    batch: list[dict] = []
+    for row in rows:
+        if batch and (len(batch) == batch_size or batch[0]["image"].shape != row["image"].shape):
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
 def evaluate_checkpoint(checkpoint: str | Path, prepared: str, split: str, cfg: PipelineConfig,
                         out_dir: str | Path, *, device: str | None = None) -> dict:
     """Scores the checkpoint on the split; writes metrics.json, iou.md, confusion.png, overlays/."""
@@ -58,20 +78,22 @@ def evaluate_checkpoint(checkpoint: str | Path, prepared: str, split: str, cfg: 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
+    select_attention(cfg, device)
     model.to(device)
     manifest = read_manifest(prepared)
     classes, palette = manifest["classes"], manifest["palette"]
     cm = ConfusionMatrix(len(classes), device=device)
-    drawn = 0
-    for row in eval_dataset(prepared, split).iter_rows():
-        image = torch.as_tensor(row["image"], device=device)[None]
-        pred = predict(model, image, inference_config(cfg)).argmax(1)[0]
-        cm.update(pred, torch.as_tensor(row["label"], device=device))
-        if drawn < cfg.eval.overlays:
-            rgb = denormalize(row["image"], IMAGENET_MEAN, IMAGENET_STD)
-            both = np.concatenate([overlay(rgb, row["label"], palette), overlay(rgb, pred.cpu().numpy(), palette)], 1)
-            cv2.imwrite(str(out / "overlays" / f"{row['key']}.png"), cv2.cvtColor(both, cv2.COLOR_RGB2BGR))
-            drawn += 1
+    inference, drawn = inference_config(cfg, device), 0
+    for rows in same_size_batches(eval_dataset(prepared, split).iter_rows(), cfg.eval.batch_size):
+        images = torch.as_tensor(np.stack([row["image"] for row in rows]), device=device)
+        preds = predict(model, images, inference).argmax(1)
+        for row, pred in zip(rows, preds):
+            cm.update(pred, torch.as_tensor(row["label"], device=device))
+            if drawn < cfg.eval.overlays:
+                rgb = denormalize(row["image"], IMAGENET_MEAN, IMAGENET_STD)
+                both = np.concatenate([overlay(rgb, row["label"], palette), overlay(rgb, pred.cpu().numpy(), palette)], 1)
+                cv2.imwrite(str(out / "overlays" / f"{row['key']}.png"), cv2.cvtColor(both, cv2.COLOR_RGB2BGR))
+                drawn += 1
     summary = cm.summary()
     mat = cm.mat.cpu().numpy()
     cv2.imwrite(str(out / "confusion.png"), confusion_image(mat))

@@ -5,7 +5,10 @@
 
 For every input image: ``<stem>_label.png`` (class ids, 255 = ignore) and ``<stem>_overlay.png``
 (the prediction's colours over the image). The model's inference settings (sliding window,
-scales, flip) come from its config; the palette from the registered run or the checkpoint.
+scales, flip, precision, batch size) come from its config; the palette from the registered run
+or the checkpoint. It runs on CUDA when a GPU is visible (``--device cpu`` to stay on the CPU),
+images of one size ``--batch-size`` at a time, under autocast as ``--amp`` (default: eval.amp,
+else the training's precision on CUDA and float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .evaluate import inference_config, overlay
-from .serving import predict_labels
+from .checkpoint import load_checkpoint, model_from_checkpoint, select_attention
+from .evaluate import inference_config, overlay, same_size_batches
+from .serving import inference_device, predict_labels
 from .tracking import default_tracking_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -60,35 +64,61 @@ def palette_for(num_classes: int, ckpt: dict) -> list:
     return ckpt.get("palette") or list(random_palette(num_classes))
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_images(files: list[Path]):
+    """{"path", "image" (RGB)} per readable file, in order; an unreadable one is reported and skipped."""
+    for path in files:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            print(f"skipped {path}: not a readable image", file=sys.stderr)
+            continue
+        yield {"path": path, "image": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)}
+
+
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint")
     p.add_argument("--input", nargs="+", required=True, help="image files or directories")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--batch-size", type=int, help="images per forward (default: the model's eval.batch_size)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help="autocast precision (default: eval.amp, else train.amp on CUDA and none on the CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         uri = args.tracking_uri or default_tracking_uri()
         ckpt = load_checkpoint(resolve_checkpoint(args.model, uri))
         files = input_files(args.input)
+        device = inference_device(args.device)
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, cfg = model_from_checkpoint(ckpt)
+    if args.amp is not None:
+        cfg.eval.amp = args.amp
+    select_attention(cfg, device)
+    model.to(device)
+    inference, batch_size = inference_config(cfg, device), args.batch_size or cfg.eval.batch_size
     palette = palette_for(len(ckpt["classes"]), ckpt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            print(f"skipped {path}: not a readable image", file=sys.stderr)
-            continue
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        label = predict_labels(model, rgb, inference_config(cfg))[0]
-        cv2.imwrite(str(out / f"{path.stem}_label.png"), label)
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay(rgb, label, palette), cv2.COLOR_RGB2BGR))
-        print(f"{path} -> {out / (path.stem + '_label.png')}")
+    print(f"predicting on {device} ({inference.amp if inference.amp != 'none' else 'float32'}, "
+          f"batches of up to {batch_size})", file=sys.stderr)
+    for batch in same_size_batches(read_images(files), batch_size):
+        labels = predict_labels(model, np.stack([row["image"] for row in batch]), inference, batch_size=batch_size)
+        for path, rgb, label in ((row["path"], row["image"], label) for row, label in zip(batch, labels)):
+            cv2.imwrite(str(out / f"{path.stem}_label.png"), label)
+            cv2.imwrite(str(out / f"{path.stem}_overlay.png"),
+                        cv2.cvtColor(overlay(rgb, label, palette), cv2.COLOR_RGB2BGR))
+            print(f"{path} -> {out / (path.stem + '_label.png')}")
     return 0
 
 

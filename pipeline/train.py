@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
 from ccnet import CCNetLoss, ConfusionMatrix, convert_sync_batchnorm, whole
+from ccnet.inference import autocast
 
-from .checkpoint import load_checkpoint, model_from_config, save_checkpoint, unwrap
+from .checkpoint import load_checkpoint, model_from_config, save_checkpoint, select_attention, unwrap
 from .config import PipelineConfig, from_dict, to_dict
+from .evaluate import eval_precision
 from .tracking import MetricLogger
 
 
@@ -69,21 +70,24 @@ def batches(shard, batch_size: int, device: torch.device):
             yield batch["image"], batch["label"]
 
 
-def autocast(cfg: PipelineConfig, device: torch.device):
-    if cfg.train.amp == "none" or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
-
-
-def train_step(model, criterion, optimizer, scheduler, scaler, images, labels, amp,
+def train_step(model, criterion, optimizer, scheduler, scaler, images, labels, amp: str,
                poison: bool = False) -> dict[str, torch.Tensor] | None:
-    """One SGD step; None, with the weights untouched, when the loss is not finite on some rank."""
+    """One SGD step; None, with the model as it was, when the loss is not finite on some rank.
+
+    BatchNorm updates its running statistics during the forward, before the loss can be checked:
+    a skipped step puts every buffer back, so a NaN batch never reaches them (nor, through
+    DDP's buffer broadcast, another rank's).
+    """
     model.train()
-    with amp:
+    buffers = [b.detach().clone() for b in model.buffers()]
+    with autocast(amp, images.device):
         losses = criterion(model(images), labels)
     if poison:
         losses["total"] = losses["total"] * float("nan")
     if not all_finite(losses["total"]):
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
         scheduler.step()  # the schedule follows the iteration count, skipped or not
         return None
     optimizer.zero_grad(set_to_none=True)
@@ -106,24 +110,27 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 
 FAULT_NONFINITE = "CCNET_FAULT_NONFINITE_AT"
+FAULT_NONFINITE_INPUT = "CCNET_FAULT_NONFINITE_INPUT_AT"
 
 
-def poisoned_steps() -> set[int]:
+def poisoned_steps(variable: str = FAULT_NONFINITE) -> set[int]:
     """Fault injection: ``CCNET_FAULT_NONFINITE_AT=23,31`` makes rank 0's loss NaN at those
-    iterations (the reliability tests use it; the driver forwards ``CCNET_*`` to the workers)."""
+    iterations, ``CCNET_FAULT_NONFINITE_INPUT_AT`` its input images (the reliability tests use
+    them; the driver forwards ``CCNET_*`` to the workers)."""
     import os
 
-    value = os.environ.get(FAULT_NONFINITE, "")
+    value = os.environ.get(variable, "")
     return {int(v) for v in value.split(",") if v.strip()}
 
 
 @torch.no_grad()
-def validate(model, shard, num_classes: int, device: torch.device) -> dict[str, float]:
+def validate(model, shard, num_classes: int, device: torch.device, amp: str = "none") -> dict[str, float]:
     """Whole-image mIoU over this worker's part of the validation split, all-reduced."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
     for batch in shard.iter_torch_batches(batch_size=1, device=device):
-        logits = whole(unwrap(model), batch["image"].float())
+        with autocast(amp, device):
+            logits = whole(unwrap(model), batch["image"].float()).float()
         cm.update(logits.argmax(1), batch["label"])
     cm.all_reduce()
     return {"val_miou": cm.miou(), "val_pixel_accuracy": cm.pixel_accuracy()}
@@ -178,6 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
+    select_attention(cfg, device)
     model, optimizer, scheduler = build(cfg, len(classes))
     start, skipped = restore(model, optimizer, scheduler)
     last_checkpoint = start
@@ -190,6 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and start:
         print(f"[train] resumed from the checkpoint of iteration {start}", flush=True)
     poison = poisoned_steps() if rank == 0 else set()
+    poison_input = poisoned_steps(FAULT_NONFINITE_INPUT) if rank == 0 else set()
     data = batches(ray.train.get_dataset_shard("train"), t.batch_size, device)
     window, waited, tick = [], 0.0, time.perf_counter()
     for it in range(start, t.iterations):
@@ -197,7 +206,9 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         images, labels = next(data)
         waited += time.perf_counter() - t0
-        losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, autocast(cfg, device),
+        if step in poison_input:
+            images = torch.full_like(images, float("nan"))
+        losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, t.amp,
                             poison=step in poison)
         if losses is None:  # before any checkpoint could hold diverged weights
             skipped += 1
@@ -215,6 +226,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics |= {"lr": scheduler.get_last_lr()[0],
                         "images_per_s_per_worker": len(window) * t.batch_size / elapsed,
                         "data_wait_share": waited / elapsed}
+            if device.type == "cuda":
+                metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(metrics, step)
             if rank == 0 and window:
                 print(f"[train] iteration {step}/{t.iterations}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.5f}  "
@@ -222,7 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
                       f"ETA {(t.iterations - step) * elapsed / len(window):.0f} s", flush=True)
             window, waited, tick = [], 0.0, time.perf_counter()
         if step % t.val_every == 0 or step == t.iterations:
-            val = validate(model, ray.train.get_dataset_shard("val"), len(classes), device)
+            val = validate(model, ray.train.get_dataset_shard("val"), len(classes), device,
+                           eval_precision(cfg, device))
             logger.log(val, step)
             if rank == 0:
                 print(f"[train] iteration {step}: val mIoU {val['val_miou']:.4f}", flush=True)
@@ -251,6 +265,21 @@ def check_storage(storage: str) -> None:
             "(s3://bucket/prefix, gs://...) or to file:///path for a file system every node mounts.")
 
 
+def check_attention_op(cfg: PipelineConfig) -> None:
+    """Before any worker starts: the kernels of model.attention_impl build and load where a training
+    worker runs (a task with a worker's resources), else the compiler's error and the fix. Each
+    worker checks again on its own node (``select_attention``)."""
+    import ray
+
+    s = cfg.scaling
+    resources = {"num_cpus": s.cpus_per_worker, "num_gpus": s.gpus_per_worker if s.use_gpu else 0}
+    task = ray.remote(max_retries=0)(select_attention).options(**resources)
+    info = ray.get(task.remote(cfg, "cuda" if s.use_gpu else "cpu"))
+    if info is not None:
+        print(f"[train] criss-cross attention: the compiled {'/'.join(info.devices)} kernels ({info.library})",
+              flush=True)
+
+
 def epochs_needed(cfg: PipelineConfig, train_samples: int) -> int:
     per_epoch = max(1, train_samples // (cfg.train.batch_size * cfg.scaling.num_workers))
     return math.ceil(cfg.train.iterations / per_epoch) + 1
@@ -266,6 +295,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
     from data_prep.loader import AugmentConfig, eval_dataset, training_dataset
 
     check_storage(storage)
+    check_attention_op(cfg)
     t = cfg.train
     augment = AugmentConfig(crop=t.crop, scale=(t.scale_min, t.scale_max), flip=t.flip, jitter=t.jitter)
     n_train = manifest["splits"][cfg.data.train_split]["samples"]

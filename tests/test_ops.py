@@ -274,8 +274,8 @@ def test_kernels_check_their_own_arguments(lib):
         lib.cc_aggregate(attn[:, 1:], v)
     with pytest.raises(ValueError, match="same shape"):
         lib.cc_energy(q, k[:, :1])
-    with pytest.raises(TypeError, match="CPU kernels support float32 and float64"):
-        lib.cc_energy(q.half(), k.half())
+    with pytest.raises(TypeError, match="CPU kernels support float32, float64, float16 and bfloat16"):
+        lib.cc_energy(q.int(), k.int())
     with pytest.raises(TypeError, match="CPU kernels support"):
         lib.cc_scatter(attn.int(), v.int())
     with pytest.raises(ValueError, match="empty"):
@@ -393,7 +393,7 @@ def fuzz_tensor(draw, shape: list[int], dtype: torch.dtype, non_tensor: bool = T
 
 def _expect_valid(*tensors) -> bool:
     """The independent oracle of what the CPU build accepts: tensors, 4-D, non-empty, one device,
-    one dtype, float32/float64 (the CPU kernels) on the CPU, any float on meta (shapes only)."""
+    one dtype, float64/32/16 or bfloat16 (the CPU kernels) on the CPU, any float on meta (shapes only)."""
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return False
     if any(t.dim() != 4 or t.numel() == 0 for t in tensors):
@@ -401,7 +401,8 @@ def _expect_valid(*tensors) -> bool:
     if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
         return False
     t = tensors[0]
-    return t.dtype in (torch.float32, torch.float64) or (t.device.type == "meta" and t.is_floating_point())
+    return t.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) or \
+        (t.device.type == "meta" and t.is_floating_point())
 
 
 @st.composite

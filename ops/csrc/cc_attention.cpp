@@ -291,8 +291,17 @@ void row_gemms(const at::Tensor& out, const at::Tensor& lhs, bool t_lhs, const a
 
 constexpr int64_t kChannelBlock = 32;  // channels per parallel work item of the column passes
 
+// float16 and bfloat16 run the float32 kernels on widened copies and round the result once, so
+// every sum accumulates in float32, as on the GPU. The copies cost a pass over memory, small
+// next to the contractions, and the float32 path keeps its BLAS row GEMMs.
+bool reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_energy_args(a_in, b_in, "cc_energy");
+  if (reduced_precision(a_in))
+    return energy_cpu(a_in.to(at::kFloat), b_in.to(at::kFloat)).to(a_in.scalar_type());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
@@ -320,6 +329,8 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
 template <bool Scatter>
 at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* op) {
   check_aggregate_args(w_in, f_in, op);
+  if (reduced_precision(f_in))
+    return mix_cpu<Scatter>(w_in.to(at::kFloat), f_in.to(at::kFloat), op).to(f_in.scalar_type());
   const at::Tensor w = w_in.contiguous(), f = f_in.contiguous();
   const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), L = num_slots(H, W);
   at::Tensor out = at::empty_like(f);

@@ -1,0 +1,27 @@
+"""The op's dtype contract, shared by the compiled path and the reference (see ``ops.criss_cross``).
+
+Under ``torch.autocast`` the inputs are cast to the autocast dtype; the softmax over the slots
+runs in float32 at least and the attention map is then cast to the value's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under ``torch.autocast`` for the inputs' device: floating inputs cast to the autocast dtype."""
+    first = tensors[0]
+    if not isinstance(first, Tensor):
+        return tensors
+    device_type = first.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def softmax_slots(energy: Tensor, dtype: torch.dtype, dim: int = 1) -> Tensor:
+    """Softmax over the slots in float32 at least (float64 stays float64), cast to ``dtype``."""
+    return torch.softmax(energy, dim=dim, dtype=torch.promote_types(energy.dtype, torch.float32)).to(dtype)

@@ -1,0 +1,166 @@
+"""Mixed precision: the op, its primitives and CCNet under ``torch.autocast`` (CPU bf16 here; CUDA
+fp16/bf16 marked ``gpu``), against float64 computations, with both implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ops
+from ccnet.model import build_ccnet
+from ops import reference
+from tests.conftest import requires_cuda, sample_inputs
+
+IMPLS = ["compiled", "reference"]
+# (device, autocast dtype): CPU bf16 always, CUDA fp16 and bf16 on a GPU
+AUTOCAST = [("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dtype, marks=[pytest.mark.gpu, requires_cuda]) for dtype in (torch.float16, torch.bfloat16)]
+# (atol, rtol) of a result computed from bf16/fp16 inputs against float64 from the same inputs
+LOW = {torch.bfloat16: (4e-2, 4e-2), torch.float16: (1e-2, 1e-2)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lib():
+    assert ops.load_compiled() is not None
+    return torch.ops.ccnet_ops
+
+
+def rounded(tensors, dtype):
+    """The inputs as the autocast region sees them, and their float64 copies for the reference."""
+    low = [t.to(dtype) for t in tensors]
+    return low, [t.double() for t in low]
+
+
+def assert_close_low(actual, expected, dtype, what=""):
+    atol, rtol = LOW[dtype]
+    scale = expected.detach().abs().max().clamp(min=1)  # gradients of a sum grow with the shape
+    torch.testing.assert_close(actual.detach().double(), expected.detach(), atol=atol * float(scale), rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_op_under_autocast_matches_float64(impl, device, dtype):
+    """float32 inputs into an autocast region: the op casts them, softmax in float32, output in the
+    autocast dtype; forward and gradients against the float64 reference of the rounded inputs."""
+    q, k, v = sample_inputs((2, 4, 12, 7, 9), device=device, dtype=torch.float32)
+    low, exact = rounded((q, k, v), dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast(device, dtype=dtype):
+        out = ops.criss_cross_attention(*leaves, implementation=impl)
+    assert out.dtype == dtype
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    out.float().backward(grad)
+    exact = [t.requires_grad_() for t in exact]
+    ref = reference.criss_cross_attention(*exact)
+    ref.backward(grad.double())
+    assert_close_low(out, ref, dtype, "out")
+    for name, leaf, e in zip("qkv", leaves, exact):
+        assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
+        assert_close_low(leaf.grad, e.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernels_take_reduced_precision(lib, dtype):
+    """Each CPU primitive in bf16/fp16, outside autocast, accumulating in float32: as close to the
+    float64 result of the same rounded inputs as one final rounding allows."""
+    q, k, v = sample_inputs((2, 5, 11, 6, 8), dtype=torch.float32, layout="transposed")
+    (ql, kl, vl), (qe, ke, ve) = rounded((q, k, v), dtype)
+    energy = lib.cc_energy(ql, kl)
+    assert energy.dtype == dtype
+    assert_close_low(energy, reference.energy(qe, ke), dtype, "cc_energy")
+    attn = torch.softmax(reference.energy(qe, ke), dim=1)
+    (al,), (ae,) = rounded((attn,), dtype)
+    assert_close_low(lib.cc_aggregate(al, vl), reference.aggregate(ae, ve), dtype, "cc_aggregate")
+    probe = torch.zeros_like(ve, requires_grad=True)
+    scattered, = torch.autograd.grad((reference.aggregate(ae, probe) * ve).sum(), probe)
+    assert_close_low(lib.cc_scatter(al, vl), scattered, dtype, "cc_scatter")
+
+
+def test_primitives_cast_mixed_inputs_under_autocast(lib):
+    """The registered ops carry the autocast rule themselves: a float32 attention map (the
+    softmax's output) meets a bf16 value."""
+    _, _, v = sample_inputs((1, 2, 6, 5, 4), dtype=torch.bfloat16)
+    attn = torch.softmax(torch.randn(1, 8, 5, 4, dtype=torch.float64), dim=1).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lib.cc_aggregate(attn, v)
+    assert out.dtype == torch.bfloat16
+    expected = reference.aggregate(attn.to(torch.bfloat16).double(), v.double())
+    assert_close_low(out, expected, torch.bfloat16, "cc_aggregate")
+    with pytest.raises(TypeError, match="cast them to one dtype"):  # outside autocast the mix is an error
+        lib.cc_aggregate(attn, v)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_torch_compile_traces_autocast(device, dtype):
+    q, k, v = sample_inputs((2, 4, 6, 9, 7), device=device, dtype=torch.float32, requires_grad=True)
+
+    def head(q, k, v):
+        with torch.autocast(device, dtype=dtype):
+            out = ops.criss_cross_attention(q, k, v, implementation="compiled")
+        return (out.float() * 2.0 + v).square().mean()
+
+    compiled = torch.compile(head, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_eager = head(q, k, v)
+    grads_eager = torch.autograd.grad(loss_eager, (q, k, v))
+    torch.testing.assert_close(loss, loss_eager, atol=1e-2, rtol=1e-2)
+    for g, g_eager in zip(grads, grads_eager):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, g_eager, atol=1e-2, rtol=5e-2)
+
+
+def init_for_gradients(model: nn.Module) -> None:
+    """Non-zero gamma and BN weights, so every parameter gets a gradient (as in test_model)."""
+    for m in model.modules():
+        if hasattr(m, "gamma") and isinstance(m.gamma, nn.Parameter):
+            nn.init.constant_(m.gamma, 0.5)
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_ccnet_trains_under_autocast(backbone, impl, device, dtype):
+    """CCNet's forward under autocast runs in the low dtype, and every parameter gets a finite,
+    non-zero float32 gradient; the loss stays near the float32 model's."""
+    torch.manual_seed(0)
+    model = build_ccnet(5, backbone=backbone, recurrence=2, head_channels=64).to(device)
+    init_for_gradients(model)
+    x = torch.randn(2, 3, 48, 56, device=device)
+    target = torch.randint(0, 5, (2, 6, 7), device=device)
+    with ops.use_implementation(impl):
+        with torch.autocast(device, dtype=dtype):
+            out = model(x)
+            loss = sum(nn.functional.cross_entropy(o, target) for o in out.values())
+        assert out["out"].dtype == dtype and torch.isfinite(loss)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        with torch.no_grad():
+            full = sum(nn.functional.cross_entropy(o, target) for o in model(x).values())
+    assert abs(loss.item() - full.item()) < 0.05 * full.item()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fp16_training_step_with_grad_scaler():
+    """A float16 step as the trainer runs it: GradScaler scales, unscales and steps."""
+    torch.manual_seed(0)
+    model = build_ccnet(5, backbone="tiny", recurrence=2).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cuda")
+    x, target = torch.randn(2, 3, 64, 64, device="cuda"), torch.randint(0, 5, (2, 8, 8), device="cuda")
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(x)["out"], target)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() > 0
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert any(changed) and all(torch.isfinite(p).all() for p in model.parameters())
