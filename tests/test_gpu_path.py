@@ -146,7 +146,8 @@ def test_gpu_node_without_nvcc_is_an_error(tmp_path):
 
 def test_pipeline_stops_before_training_when_the_kernels_cannot_build(tmp_path):
     """``python -m pipeline.run`` on its own local Ray whose workers have a broken compiler: the
-    training step stops before any worker trains, with the compiler's error and the fix."""
+    training step stops before any worker trains, with the compiler's error and the fix; with
+    model.attention_impl=reference it runs."""
     bin_dir = _broken_toolchain(tmp_path)
     env = {**os.environ, "RAY_ADDRESS": "local", "CXX": str(bin_dir / "c++"), "CCNET_OPS_CUDA": "0",
            "CCNET_OPS_CACHE": str(tmp_path / "cache")}
@@ -162,6 +163,14 @@ def test_pipeline_stops_before_training_when_the_kernels_cannot_build(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and all(r.info.status == "FAILED" and "loss" not in r.data.metrics for r in runs)
+
+    # the reference, chosen on purpose, reaches every worker: with the same broken compiler, the
+    # two training workers and the evaluation run and the pipeline completes
+    result = subprocess.run(cmd + ["model.attention_impl=reference"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "[train] 2 workers" in out and "[train] iteration 10/10" in out and "broken on purpose" not in out
 
 
 # --- a skipped step leaves the model as it was ---------------------------------------------------------

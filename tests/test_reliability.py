@@ -204,15 +204,24 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, wo
 def test_nonfinite_loss_skipped_and_counted_when_configured(ray_cluster, workdir):
     overrides = ["train.iterations=40", "train.val_every=40", "train.nonfinite=skip", "train.seed=14"]
     log = workdir / "diverge_skip.log"
-    proc = start(command(workdir, ray_cluster, overrides), log, {"CCNET_FAULT_NONFINITE_AT": "13,17"})
+    # NaN losses at 13 and 17; NaN input images at 21, which BatchNorm sees before the loss
+    proc = start(command(workdir, ray_cluster, overrides), log,
+                 {"CCNET_FAULT_NONFINITE_AT": "13,17", "CCNET_FAULT_NONFINITE_INPUT_AT": "21"})
     out = finish(proc, log)
     assert proc.returncode == 0, out[-4000:]
     assert "iteration 13: the loss is not finite; the step is skipped (1 so far)" in out
     client, run_id = mlflow_run(workdir, overrides)
     skipped = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "skipped_steps"))
-    assert skipped == [(13, 1.0), (17, 2.0)]
+    assert skipped == [(13, 1.0), (17, 2.0), (21, 3.0)]
     assert steps(client, run_id, "loss") == list(range(5, 41, 5))
     assert all(m.value == m.value for m in client.get_metric_history(run_id, "loss"))  # no NaN averaged in
+
+    from pipeline.checkpoint import load_checkpoint
+
+    final = max((load_checkpoint(p) for p in train_storage(workdir, overrides).glob("checkpoint_*/checkpoint.pt")),
+                key=lambda c: c["iteration"])
+    stats = {k: t for k, t in final["model"].items() if "running_" in k}
+    assert final["iteration"] == 40 and stats and all(torch.isfinite(t).all() for t in stats.values())
 
 
 # --- 4. a shard changed after preparation -------------------------------------------------------
