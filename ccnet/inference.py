@@ -32,8 +32,9 @@ def autocast(amp: str, device: torch.device | str):
 
 
 def _logits(model: nn.Module | Callable[[Tensor], object], x: Tensor) -> Tensor:
+    """The model's main logits, in float32 (under autocast too: windows and scales sum in float32)."""
     out = model(x)
-    return out["out"] if isinstance(out, dict) else out
+    return (out["out"] if isinstance(out, dict) else out).float()
 
 
 def whole(model, images: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ def predict(model, images: Tensor, cfg: InferenceConfig = InferenceConfig()) -> 
         views = [(scaled, False)] + ([(scaled.flip(-1), True)] if cfg.flip else [])
         for view, flipped in views:
             with autocast(cfg.amp, images.device):
-                logits = _single_scale(model, view, cfg).float()
+                logits = _single_scale(model, view, cfg)
             logits = upsample_to(logits.flip(-1) if flipped else logits, (H, W))
             total = logits if total is None else total + logits
             passes += 1

@@ -17,7 +17,8 @@ Implementations: ``"compiled"`` (the default; the C++/CUDA kernels, built on fir
 The dtype contract, the same for both implementations and on every device:
 
 - q, k and v share one dtype: float64, float32, float16 or bfloat16. Under ``torch.autocast``
-  they are first cast to the autocast dtype (so float32 inputs, or a mix, are accepted there);
+  float32/16/bf16 inputs are first cast to the autocast dtype (so float32 inputs, or a mix, are
+  accepted there; float64 stays float64, as autocast leaves it);
   the three registered ops carry that autocast rule too, for callers that use them directly.
 - Energies and aggregations accumulate in float32 (float64 for float64) and are stored in the
   inputs' dtype.
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from . import extension, reference
 from .checks import check_aggregate_args, check_energy_args, check_inputs
-from .dtypes import autocast_inputs, softmax_slots
+from .dtypes import autocast_inputs, castable, softmax_slots
 
 IMPLEMENTATIONS = ("compiled", "reference")
 
@@ -161,6 +162,9 @@ def _compiled_serves(device: torch.device) -> bool:
     if info is None:
         return False
     if device.type not in info.devices:
+        if extension.strict() and device.type == "cuda":
+            raise extension.BuildError(f"ops: the compiled kernels were built for {'/'.join(info.devices)}, not "
+                                       f"{device.type} (CCNET_OPS_STRICT=1: no fallback to the reference)")
         _warn_once(f"device:{device.type}", f"ops: the compiled kernels were built for "
                    f"{'/'.join(info.devices)}, not {device.type}; the pure-PyTorch reference runs "
                    "on this device instead.")
@@ -265,8 +269,7 @@ def _register_autocast(op_name: str, device_type: str) -> None:
     def cast_and_call(*args):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
-            return op(*(a.to(dtype) if a.is_floating_point() and a.device.type == device_type else a
-                        for a in args))
+            return op(*(a.to(dtype) if castable(a) and a.device.type == device_type else a for a in args))
 
     if op.has_kernel_for_dispatch_key(dispatch_key):
         op.py_kernels.pop(dispatch_key)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Under ``torch.autocast`` for the inputs' device: floating inputs cast to the autocast dtype."""
+    """Under ``torch.autocast`` for the inputs' device: float32/16/bf16 inputs cast to the autocast dtype."""
     first = tensors[0]
     if not isinstance(first, Tensor):
         return tensors
@@ -19,7 +19,12 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if castable(t) else t for t in tensors)
+
+
+def castable(t) -> bool:
+    """What autocast casts: float32, float16 and bfloat16 tensors (never float64), as PyTorch's own."""
+    return isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
 def softmax_slots(energy: Tensor, dtype: torch.dtype, dim: int = 1) -> Tensor:

@@ -143,14 +143,18 @@ def cuda_arch_list() -> str:
 def arch_covers(archs: str, capability: tuple[int, int]) -> bool:
     """Whether a GPU of this compute capability runs code built for ``archs``: an exact SASS
     target of its major version at or below it, or PTX at or below it (JIT-compiled)."""
+    import re
+
     major, minor = capability
     for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
-        if not entry:
+        match = re.fullmatch(r"(\d+)(?:\.(\d+))?([a-z]?)(\+PTX)?", entry.strip())
+        if not match:
             continue
-        version, ptx = entry.removesuffix("+PTX"), entry.endswith("+PTX")
-        a_major, _, a_minor = version.partition(".")
-        target = (int(a_major), int(a_minor or 0))
-        if (ptx and target <= (major, minor)) or (target[0] == major and target[1] <= minor):
+        target, suffix, ptx = (int(match[1]), int(match[2] or 0)), match[3], bool(match[4])
+        if suffix:  # "9.0a", "10.0f": architecture-specific code runs on that very architecture
+            if target == (major, minor):
+                return True
+        elif (ptx and target <= (major, minor)) or (target[0] == major and target[1] <= minor):
             return True
     return False
 
@@ -174,7 +178,8 @@ def build_key(with_cuda: bool) -> str:
         digest.update(path.read_bytes())
     parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), *CXX_FLAGS]
     if with_cuda:
-        parts += [str(cuda_home()), cuda_arch_list(), *CUDA_FLAGS]
+        home = cuda_home()
+        parts += [str(home.resolve() if home else None), cuda_arch_list(), *CUDA_FLAGS]  # one toolkit, however reached
     digest.update("\0".join(parts).encode())
     return digest.hexdigest()[:16]
 

@@ -13,8 +13,9 @@ share (time blocked in the data iterator over the window's wall time) and, on CU
 memory. The first window (warm-up: process groups, the first shards, autotuning) is left out.
 
 MFU = model FLOPs per training image (forward + backward, counted by
-``torch.utils.flop_counter`` on one batch at the training crop) x images/s, over the device's
-peak for the training dtype (``--peak-tflops``, else a table of known GPUs). With
+``torch.utils.flop_counter`` on one batch at the training crop) x images/s per worker, over the
+peak of one worker's device for the training dtype (``--peak-tflops``, else a table of known GPUs;
+one GPU per worker). With
 ``--compare-reference`` the same run follows with ``model.attention_impl=reference``.
 """
 
@@ -33,6 +34,7 @@ from .config import PipelineConfig, load_config
 # Dense tensor-core peaks in TFLOPS (vendor data sheets): (name fragment, {dtype: peak}).
 PEAK_TFLOPS = [
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "none": 378.0}),  # float32 runs as TF32 here
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "none": 417.8}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "none": 494.7}),
     ("H200", {"bf16": 989.4, "fp16": 989.4, "none": 494.7}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "none": 156.0}),
@@ -99,7 +101,7 @@ def table(cfg: PipelineConfig, rows: dict[str, dict], flops: float, peak: float 
              "peak GPU memory | MFU |", "|---|---|---|---|---|---|"]
     for impl, r in rows.items():
         memory = f"{r['memory']:.2f} GiB" if r["memory"] is not None else "n/a"
-        mfu = f"{100 * flops * r['total'] / (peak * 1e12):.1f}%" if peak else "n/a"
+        mfu = f"{100 * flops * r['rate'] / (peak * 1e12):.1f}%" if peak else "n/a"  # per worker's device
         lines.append(f"| {impl} | {r['rate']:.1f} | {r['total']:.1f} | {100 * r['wait']:.1f}% / "
                      f"{100 * r['wait_max']:.1f}% | {memory} | {mfu} |")
     if len(rows) == 2:

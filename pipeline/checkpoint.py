@@ -33,14 +33,26 @@ def uses_attention_op(cfg: PipelineConfig) -> bool:
     return cfg.model.attention == "cca" and cfg.model.recurrence > 0
 
 
-def select_attention(cfg: PipelineConfig, device: torch.device | str) -> ops.extension.BuildInfo | None:
-    """The implementation of model.attention_impl (CCNET_OPS_IMPL, where set, overrides it: the
-    way to serve a registered model on a machine without a compiler) in this process; with
-    "compiled", the kernels for the device or ``ops.extension.BuildError`` (the compiler's error
-    and the fix): training, evaluation and serving never fall back to another implementation."""
-    import os
+def select_attention(cfg: PipelineConfig, device: torch.device | str, *,
+                     env_override: bool = False) -> ops.extension.BuildInfo | None:
+    """Selects model.attention_impl in this process; with "compiled", returns the kernels for the
+    device or raises ``ops.extension.BuildError`` (the compiler's error and the fix): training,
+    evaluation and serving never fall back to another implementation.
 
-    impl = os.environ.get("CCNET_OPS_IMPL") or cfg.model.attention_impl
+    ``CCNET_OPS_IMPL`` set to another implementation is an error, so that what runs is what the
+    run records; with ``env_override`` (serving a registered model on a machine without a
+    compiler) it wins, and says so.
+    """
+    import os
+    import sys
+
+    impl, env = cfg.model.attention_impl, os.environ.get("CCNET_OPS_IMPL")
+    if env and env != impl:
+        if not env_override:
+            raise ValueError(f"CCNET_OPS_IMPL={env} conflicts with model.attention_impl={impl}: unset "
+                             f"CCNET_OPS_IMPL, or set model.attention_impl={env}")
+        print(f"ops: CCNET_OPS_IMPL={env} overrides the model's attention_impl={impl}", file=sys.stderr)
+        impl = env
     ops.set_implementation(impl)
     return ops.require_compiled(device) if impl == "compiled" and uses_attention_op(cfg) else None
 

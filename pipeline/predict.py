@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg = model_from_checkpoint(ckpt)
     if args.amp is not None:
         cfg.eval.amp = args.amp
-    select_attention(cfg, device)
+    select_attention(cfg, device, env_override=True)
     model.to(device)
     inference, batch_size = inference_config(cfg, device), args.batch_size or cfg.eval.batch_size
     palette = palette_for(len(ckpt["classes"]), ckpt)

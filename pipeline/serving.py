@@ -23,7 +23,7 @@ class CCNetPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model, cfg = model_from_checkpoint(load_checkpoint(context.artifacts["checkpoint"]))
         self.device = inference_device(os.environ.get("CCNET_DEVICE"))
-        select_attention(cfg, self.device)
+        select_attention(cfg, self.device, env_override=True)
         self.model.to(self.device)
         self.inference = inference_config(cfg, self.device)
         self.batch_size = cfg.eval.batch_size

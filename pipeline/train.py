@@ -39,7 +39,7 @@ def build(cfg: PipelineConfig, num_classes: int):
     import ray.train.torch
 
     model = model_from_config(cfg, num_classes)
-    if cfg.train.sync_bn and ray.train.get_context().get_world_size() > 1:
+    if cfg.train.sync_bn:  # on GPUs (the config says so); with 1 worker it computes what BatchNorm does
         model = convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
     optimizer, scheduler = make_optimizer(cfg, model)

@@ -51,6 +51,8 @@ def test_arch_list_covers_the_gpus_it_names():
     assert not extension.arch_covers(archs, (7, 5))  # T4: needs TORCH_CUDA_ARCH_LIST=7.5
     assert not extension.arch_covers("8.0;9.0", (10, 0))  # no PTX: a newer GPU has nothing to run
     assert extension.arch_covers("7.5", (7, 5)) and not extension.arch_covers("8.6", (8, 0))
+    assert extension.arch_covers("9.0a", (9, 0)) and not extension.arch_covers("9.0a", (10, 0))
+    assert extension.arch_covers("8.0 10.0f", (10, 0))
 
 
 def _build_name(env: dict, args: list[str]) -> str:
@@ -62,7 +64,7 @@ def _build_name(env: dict, args: list[str]) -> str:
 def test_cluster_build_and_gpu_run_share_one_key(monkeypatch):
     """The ahead-of-time build that cluster.yaml runs on every node, and the build a training worker
     asks for on a GPU node (where the visible GPU's architecture used to change the key): one key."""
-    setup = yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"]
+    setup = yaml.safe_load((ROOT / "cluster.yaml").read_text())["worker_setup_commands"]
     build = next(c for c in setup if "ops.build" in c).split("&&")[-1].split()
     assignments = dict(a.split("=", 1) for a in build if re.fullmatch(r"[A-Z_]+=.*", a))
     assert build[len(assignments):][1:] == ["-m", "ops.build", "--cuda"], build
@@ -309,6 +311,47 @@ def test_predict_command_device_batches_and_precision(checkpoint, tmp_path, caps
         assert "PyTorch sees no CUDA device here" in capsys.readouterr().err
 
 
+class _Context:
+    def __init__(self, checkpoint: Path):
+        self.artifacts = {"checkpoint": str(checkpoint / "checkpoint.pt")}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("", marks=[pytest.mark.gpu, requires_cuda])])
+def test_pyfunc_serves_on_its_device_in_batches(checkpoint, monkeypatch, device):
+    """The registered model's pyfunc: CCNET_DEVICE, else CUDA when visible; eval.batch_size per
+    forward; the same labels as one image at a time on the CPU."""
+    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipeline.evaluate import inference_config
+    from pipeline.serving import CCNetPyfunc, predict_labels
+
+    monkeypatch.setenv("CCNET_DEVICE", device)
+    served = CCNetPyfunc()
+    served.load_context(_Context(checkpoint))
+    assert served.device.type == (device or "cuda") and served.batch_size == 3
+    assert next(served.model.parameters()).device.type == served.device.type
+    images = _images(5, seed=3)
+    model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))
+    one = predict_labels(model, images, inference_config(cfg), batch_size=1)
+    assert (served.predict(None, images) == one).mean() > (0.999 if device == "cpu" else 0.95)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("CCNET_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="PyTorch sees no CUDA device"):
+            CCNetPyfunc().load_context(_Context(checkpoint))
+
+
+def test_implementation_override_is_refused_in_training_and_allowed_in_serving(monkeypatch):
+    from pipeline.checkpoint import select_attention
+
+    cfg = load_config(None, [])
+    monkeypatch.setenv("CCNET_OPS_IMPL", "reference")
+    with pytest.raises(ValueError, match="CCNET_OPS_IMPL=reference conflicts with model.attention_impl=compiled"):
+        select_attention(cfg, "cpu")
+    try:
+        assert select_attention(cfg, "cpu", env_override=True) is None and ops.get_implementation() == "reference"
+    finally:
+        ops.set_implementation("compiled")
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_predict_on_cuda_agrees_with_cpu(checkpoint):
@@ -316,6 +359,7 @@ def test_predict_on_cuda_agrees_with_cpu(checkpoint):
     from pipeline.evaluate import inference_config
     from pipeline.serving import predict_labels
 
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32
     model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))
     images = _images(4)
     cpu = predict_labels(model, images, inference_config(cfg, "cpu"), batch_size=4)
@@ -378,19 +422,23 @@ def test_sync_bn_under_ddp_matches_batchnorm_over_the_whole_batch(world, tmp_pat
 
 
 @pytest.mark.gpu
-@requires_cuda
-def test_gpu_training_through_the_pipeline(ray_cluster, tmp_path):
-    """use_gpu=true, bf16, the compiled CUDA kernels: a short run whose loss falls and that logs
-    its peak GPU memory."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gpu_training_through_the_pipeline(ray_cluster, tmp_path, workers):
+    """use_gpu=true, SyncBN, bf16, the compiled CUDA kernels: a short run on 1 GPU and, where there
+    are 2, a DDP run over nccl whose BatchNorms are SyncBatchNorm; the loss falls and the peak GPU
+    memory is logged."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.run import run
 
+    if torch.cuda.device_count() < workers:
+        pytest.skip(f"needs {workers} CUDA devices, {torch.cuda.device_count()} visible")
     cfg = load_config(None, tiny_overrides(tmp_path) + [
-        "scaling.use_gpu=true", "scaling.num_workers=1", "train.amp=bf16", "train.iterations=30",
-        "train.val_every=30", "tracking.model_name=ccnet_gpu"])
+        "scaling.use_gpu=true", f"scaling.num_workers={workers}", "train.sync_bn=true", "train.amp=bf16",
+        "train.iterations=30", "train.val_every=30", "tracking.model_name=ccnet_gpu"])
     results = run(cfg)
     client = MlflowClient(results["_run"]["uri"])
     run_id = results["_run"]["run_id"]
     loss = [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
     assert loss[-1] < loss[0] and client.get_metric_history(run_id, "gpu_peak_memory_gb")
+    assert client.get_metric_history(run_id, "num_workers")[0].value == workers
