@@ -150,9 +150,14 @@ def test_pipeline_stops_before_training_when_the_kernels_cannot_build(tmp_path):
     """``python -m pipeline.run`` on its own local Ray whose workers have a broken compiler: the
     training step stops before any worker trains, with the compiler's error and the fix; with
     model.attention_impl=reference it runs."""
+    import tempfile
+
     bin_dir = _broken_toolchain(tmp_path)
-    env = {**os.environ, "RAY_ADDRESS": "local", "CXX": str(bin_dir / "c++"), "CCNET_OPS_CUDA": "0",
-           "CCNET_OPS_CACHE": str(tmp_path / "cache")}
+    # a Ray of its own, with its own temp dir: /tmp/ray keeps pointing at the session's Ray (socket
+    # paths must stay short, hence not under tmp_path)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "CXX": str(bin_dir / "c++"),
+           "CCNET_OPS_CUDA": "0", "CCNET_OPS_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "pipeline.run", *tiny_overrides(tmp_path), "num_cpus=2", "train.iterations=10"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
