@@ -15,6 +15,8 @@ Environment:
     CCNET_OPS_CACHE   cache directory (default: ``~/.cache/ccnet_ops``)
     CCNET_OPS_STRICT  ``1``: a failed build is an error instead of a warning and a fallback
     CCNET_OPS_CUDA    ``0``: never compile the CUDA sources; ``1``: always (error if impossible)
+    CCNET_OPS_CXX     the host C++ compiler for the op (default: $CXX, else c++); like every
+                      ``CCNET_*`` variable, the pipeline forwards it to its Ray workers
     TORCH_CUDA_ARCH_LIST  CUDA architectures (default: ``DEFAULT_CUDA_ARCHS``, never the visible GPU's,
                       so an ahead-of-time build on any node and the run on a GPU node share one key)
 
@@ -176,12 +178,17 @@ def build_key(with_cuda: bool) -> str:
     for path in cpp_sources() + sorted(CSRC.glob("*.h")) + cuda_files:
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
-    parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), *CXX_FLAGS]
+    parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), cxx(), *CXX_FLAGS]
     if with_cuda:
         home = cuda_home()
         parts += [str(home.resolve() if home else None), cuda_arch_list(), *CUDA_FLAGS]  # one toolkit, however reached
     digest.update("\0".join(parts).encode())
     return digest.hexdigest()[:16]
+
+
+def cxx() -> str:
+    """The host C++ compiler: CCNET_OPS_CXX, else CXX (PyTorch's variable), else c++."""
+    return os.environ.get("CCNET_OPS_CXX") or os.environ.get("CXX") or "c++"
 
 
 def library_name(with_cuda: bool) -> str:
@@ -197,6 +204,7 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
         verbose: show the compiler's output.
     """
     with_cuda = want_cuda(cuda)
+    os.environ["CXX"] = cxx()  # read by cpp_extension when it writes the ninja file
     cuda_flags = list(CUDA_FLAGS)
     if with_cuda:
         home = cuda_home()

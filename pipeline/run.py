@@ -57,7 +57,9 @@ def init_ray(cfg: PipelineConfig) -> None:
 def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict:
     """Runs the DAG for cfg; returns each step's result."""
     from .tracking import parent_run, tracking_uri
+    from .train import probe_storage, storage_for
 
+    probe_storage(storage_for(cfg))  # before any work: an unwritable storage fails now, not hours in
     init_ray(cfg)
     uri = tracking_uri(cfg)
     key = step_keys(cfg)["register"]

@@ -253,6 +253,40 @@ def storage_for(cfg: PipelineConfig) -> str:
     return cfg.storage or str(Path(cfg.run_dir).resolve() / "ray_storage")
 
 
+class StorageError(ValueError):
+    """The run's storage cannot be written and read back."""
+
+
+def probe_storage(storage: str) -> None:
+    """Writes a small object under ``storage``, reads it back and deletes it, before any work
+    starts; a ``StorageError`` naming the URI and the file system's error otherwise (a bucket that
+    does not exist, no credentials, an endpoint that does not answer, a path that is a file)."""
+    import os
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    from data_prep.shards import atomic_write, resolve
+
+    payload = f"ccnet storage probe {uuid.uuid4().hex}".encode()
+    try:
+        fs, root = resolve(storage)
+        if isinstance(fs, pafs.LocalFileSystem):  # its nearest existing folder: nothing is left behind
+            while not os.path.lexists(root) and os.path.dirname(root) != root:
+                root = os.path.dirname(root)
+        path = f"{root.rstrip('/')}/.ccnet-probe-{uuid.uuid4().hex}"
+        atomic_write(fs, path, payload)
+        with fs.open_input_stream(path) as f:
+            back = f.read()
+        fs.delete_file(path)
+    except Exception as exc:  # pyarrow raises OSError, FileNotFoundError, ValueError, ... per backend
+        raise StorageError(f"storage {storage!r} cannot be written and read back: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else exc!r}. Check the URI, the bucket, the "
+                           "credentials and the endpoint (AWS_ENDPOINT_URL), or choose another storage") from None
+    if back != payload:
+        raise StorageError(f"storage {storage!r} returned other bytes than were written to it")
+
+
 def check_storage(storage: str) -> None:
     """Several nodes need storage they all reach: an object store or a shared file system."""
     import ray

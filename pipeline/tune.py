@@ -104,8 +104,9 @@ def search(cfg: PipelineConfig) -> dict:
     from .dag import run_dag, step_keys
     from .run import init_ray
     from .tracking import client, parent_run, tracking_uri
-    from .train import storage_for
+    from .train import probe_storage, storage_for
 
+    probe_storage(storage_for(cfg))
     init_ray(cfg)
     uri, key = tracking_uri(cfg), step_keys(cfg)["tune"]
     parent_id = parent_run(cfg, uri, key)

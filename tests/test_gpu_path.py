@@ -127,7 +127,7 @@ def test_kernels_that_cannot_build_are_an_error_with_the_fix(tmp_path, device):
     bin_dir = _broken_toolchain(tmp_path)
     env = {**os.environ, "CCNET_OPS_CACHE": str(tmp_path / "cache"), "CCNET_OPS_STRICT": "0"}
     if device == "cpu":
-        env |= {"CXX": str(bin_dir / "c++"), "CCNET_OPS_CUDA": "0"}
+        env |= {"CCNET_OPS_CXX": str(bin_dir / "c++"), "CCNET_OPS_CUDA": "0"}
     else:
         env |= {"CUDA_HOME": str(bin_dir.parent), "CCNET_OPS_CUDA": ""}
     result = _require(device, env)
@@ -146,19 +146,15 @@ def test_gpu_node_without_nvcc_is_an_error(tmp_path):
     assert "the CUDA kernels were not built on this node: no CUDA toolkit (nvcc) was found" in result.stderr
 
 
-def test_pipeline_stops_before_training_when_the_kernels_cannot_build(tmp_path):
-    """``python -m pipeline.run`` on its own local Ray whose workers have a broken compiler: the
-    training step stops before any worker trains, with the compiler's error and the fix; with
-    model.attention_impl=reference it runs."""
-    import tempfile
-
+def test_pipeline_stops_before_training_when_the_kernels_cannot_build(ray_cluster, tmp_path):
+    """``python -m pipeline.run`` whose workers get a broken compiler (``CCNET_OPS_CXX``, forwarded to
+    them with every ``CCNET_*`` variable) and an empty op cache: the training step stops before any
+    worker trains, with the compiler's error and the fix; with model.attention_impl=reference it runs."""
     bin_dir = _broken_toolchain(tmp_path)
-    # a Ray of its own, with its own temp dir: /tmp/ray keeps pointing at the session's Ray (socket
-    # paths must stay short, hence not under tmp_path)
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "CXX": str(bin_dir / "c++"),
-           "CCNET_OPS_CUDA": "0", "CCNET_OPS_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "pipeline.run", *tiny_overrides(tmp_path), "num_cpus=2", "train.iterations=10"]
+    env = {**os.environ, "CCNET_OPS_CXX": str(bin_dir / "c++"), "CCNET_OPS_CUDA": "0",
+           "CCNET_OPS_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "pipeline.run", *tiny_overrides(tmp_path), f"ray_address={ray_cluster}",
+           "train.iterations=10"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-3000:]
