@@ -307,7 +307,9 @@ def check_attention_op(cfg: PipelineConfig) -> None:
 
     s = cfg.scaling
     resources = {"num_cpus": s.cpus_per_worker, "num_gpus": s.gpus_per_worker if s.use_gpu else 0}
-    task = ray.remote(max_retries=0)(select_attention).options(**resources)
+    # "DEFAULT": outside any placement group; a Tune trial would otherwise capture the task in its own
+    # small bundle, where a worker's resources do not fit
+    task = ray.remote(max_retries=0)(select_attention).options(**resources, scheduling_strategy="DEFAULT")
     info = ray.get(task.remote(cfg, "cuda" if s.use_gpu else "cpu"))
     if info is not None:
         print(f"[train] criss-cross attention: the compiled {'/'.join(info.devices)} kernels ({info.library})",
