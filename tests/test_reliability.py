@@ -36,9 +36,26 @@ def command(workdir: Path, gcs: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline.run", *tiny_overrides(workdir), f"ray_address={gcs}", *extra]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    """A test that fails while its run goes on kills the run: it would hold the session's CPUs
+    and write into the module's directory during the next tests."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
+    STARTED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
@@ -99,10 +116,12 @@ def wait_for_training(workdir: Path, overrides: list[str], proc: subprocess.Pope
     deadline = time.time() + 240
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before the fault was injected:\n" + log.read_text()[-3000:]
-        iteration = committed(storage)
-        client, run_id = mlflow_run(workdir, overrides)
-        if iteration and run_id and (loss := steps(client, run_id, "loss")) and loss[-1] > iteration:
-            return iteration
+        # MLflow's database is opened only once the run has one: two processes creating its
+        # tables at the same time race in MLflow's schema migration
+        if iteration := committed(storage):
+            client, run_id = mlflow_run(workdir, overrides)
+            if run_id and (loss := steps(client, run_id, "loss")) and loss[-1] > iteration:
+                return iteration
         time.sleep(0.1)
     raise AssertionError("training never committed a checkpoint:\n" + log.read_text()[-3000:])
 
