@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     print(f"| prepare | {total} | {t_serial:.1f} | {t_ray:.1f} | {total / t_serial:.1f} | {total / t_ray:.1f} | "
           f"{t_serial / t_ray:.2f}x |")
-    print(f"\n| loader | images | img/s |\n|---|---|---|")
+    print("\n| loader | images | img/s |\n|---|---|---|")
     print(f"| training (decode, scale 0.7-2.1, crop {args.crop}, flip, jitter, normalise) | {train_n} | {train_rate:.1f} |")
     print(f"| evaluation (decode, normalise) | {eval_n} | {eval_rate:.1f} |")
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .shards import FORMAT_VERSION, read_manifest, resolve, sha256_of, write_manifest, write_shard
 from .sources import SampleError, SampleRef
-from .sources.base import encode_png
+from .sources.base import UnreachableError, encode_png
 
 
 class TooManyRejected(RuntimeError):
@@ -65,8 +65,20 @@ def build_rows(source, refs: list[SampleRef]) -> tuple[list[dict], list[dict]]:
     return rows, rejected
 
 
+def check_root_here(source, name: str) -> None:
+    """The dataset's root must be readable where the task runs: a root that only another node's
+    disk holds would turn every sample of the shard into a rejection, so it stops the run."""
+    root = getattr(source, "root", None)
+    if root is not None and not root.is_dir():
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
+        raise UnreachableError(
+            f"the dataset root {root} is not a folder on the node that prepares {name} ({node}): on a "
+            "cluster, give data.root (--root) as a URI every node reads (s3://..., gs://..., file:///shared/...)")
+
+
 @ray.remote(max_retries=3)
 def _prepare_shard(source, refs: list[SampleRef], out: str, name: str) -> dict:
+    check_root_here(source, name)
     rows, rejected = build_rows(source, refs)
     fs, base = resolve(out)
     record = write_shard(fs, base, name, rows)

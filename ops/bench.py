@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((dev, dtype, name, SHAPES[name], result))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     header = "\n".join(
-        [f"Criss-cross attention, compiled vs reference (ratio = reference time / compiled time)",
+        ["Criss-cross attention, compiled vs reference (ratio = reference time / compiled time)",
          f"date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
          + "; ".join(f"{d}: {device_name(torch.device(d))}" for d in devices),
          "command: python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),

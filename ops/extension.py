@@ -27,7 +27,6 @@ it took.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os

@@ -78,16 +78,29 @@ def save_checkpoint(directory: str | Path, *, cfg: PipelineConfig, classes: list
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's contents; ``path`` is the file or its directory. Never runs pickled code."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    """The checkpoint's contents; ``path`` is the file or its directory, local or a URI on the
+    run's storage (``s3://...``). Never runs pickled code."""
+    import io
+
+    from . import storage
+
+    location = str(path)
+    if not storage.is_local_fs(location):
+        file = location if location.endswith(FILENAME) else storage.join(location, FILENAME)
+        if not storage.exists(file):
+            raise FileNotFoundError(f"checkpoint {file} not found")
+        source, shown = io.BytesIO(storage.read_bytes(file)), file
+    else:
+        shown = Path(storage.resolve(location)[1])
+        if shown.is_dir():
+            shown = shown / FILENAME
+        if not shown.is_file():
+            raise FileNotFoundError(f"checkpoint {shown} not found")
+        source = shown
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError (or others) for unsafe or broken files
-        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint "
+        raise ValueError(f"refusing to load {shown}: it is not a plain-data checkpoint "
                          f"(torch.load weights_only=True failed: {str(exc).splitlines()[0]})") from None
 
 

@@ -116,7 +116,9 @@ class TuneConfig:
     """The search of ``python -m pipeline.tune``: a space over the training config, ASHA, trials."""
 
     num_samples: int = 8
-    max_concurrent: int | None = None  # default: as many as the cluster's CPUs/GPUs fit
+    # the only limit on trials at once; default: every trial on a cluster (each trial's trainer asks
+    # for its workers, and an autoscaler adds nodes for them), what the CPUs/GPUs fit on a local Ray
+    max_concurrent: int | None = None
     lr_min: float = 1e-3  # lr: log-uniform in [lr_min, lr_max]
     lr_max: float = 5e-2
     weight_decay: list[float] = field(default_factory=lambda: [1e-4, 5e-4])
@@ -131,8 +133,10 @@ class TuneConfig:
 @dataclasses.dataclass
 class PipelineConfig:
     name: str = "default"
-    run_dir: str = "runs"  # step outputs, keyed by a hash of their inputs
-    storage: str | None = None  # Ray Train storage (a shared path or URI on clusters); default under run_dir
+    run_dir: str = "runs"  # the storage root on one machine, when storage is not set
+    # the storage root of every step's output (shards, results, checkpoints, evaluation): a URI
+    # every node reaches on a cluster (s3://bucket/prefix, gs://..., file:///shared/mount)
+    storage: str | None = None
     ray_address: str | None = None  # None: start Ray locally; "auto": join a cluster
     num_cpus: int | None = None  # for a local Ray
     data: DataConfig = field(default_factory=DataConfig)

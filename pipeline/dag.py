@@ -1,21 +1,18 @@
 """The pipeline as a DAG of Ray tasks: prepare -> train -> evaluate -> register.
 
 Each step is a Ray task that receives the previous step's result as an ObjectRef and writes its
-output under ``<run_dir>/<step>-<key>``, the key a hash of the step's inputs and of the config
-it reads. A step whose directory holds ``result.json`` is complete and is skipped on a rerun
-(unless the run starts from it, ``start``); ``only`` runs a single step over the results of
-the earlier ones.
+output under ``<root>/<step>-<key>`` on the run's storage root (``storage``, else the local
+``run_dir``; see ``pipeline.storage``), the key a hash of the step's inputs and of the config it
+reads. Steps hand each other locations on the root, never a node's own paths. A step whose
+folder holds ``result.json`` is complete and is skipped on a rerun (unless the run starts from
+it, ``start``); ``only`` runs a single step over the results of the earlier ones.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
-
 import ray
 
+from . import storage
 from .config import PipelineConfig, digest, from_dict, to_dict
 
 STEPS = ("prepare", "train", "evaluate", "register")
@@ -33,19 +30,17 @@ def step_keys(cfg: PipelineConfig) -> dict[str, str]:
     return keys
 
 
-def step_dir(cfg: PipelineConfig, step: str, key: str) -> Path:
-    return Path(cfg.run_dir).resolve() / f"{step}-{key}"
+def step_dir(cfg: PipelineConfig, step: str, key: str) -> str:
+    """The step's folder on the storage root: a local path or a URI."""
+    return storage.join(storage.root(cfg), f"{step}-{key}")
 
 
-def completed(directory: Path) -> dict | None:
-    path = directory / RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
+def completed(location: str) -> dict | None:
+    return storage.read_json(storage.join(location, RESULT))
 
 
-def finish(directory: Path, result: dict) -> dict:
-    tmp = directory / f"{RESULT}.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, directory / RESULT)
+def finish(location: str, result: dict) -> dict:
+    storage.write_json(storage.join(location, RESULT), result)
     return result
 
 
@@ -53,23 +48,22 @@ def _step(name: str):
     """Wraps a step body: skip when complete (and not forced), else run and record."""
     def decorate(body):
         @ray.remote(num_cpus=0, max_retries=0)
-        def task(cfg_dict: dict, directory: str, force: bool, ctx: dict, upstream: dict | None):
-            d = Path(directory)
-            if not force and (done := completed(d)) is not None:
-                print(f"[{name}] complete, skipped ({d})", flush=True)
+        def task(cfg_dict: dict, location: str, force: bool, ctx: dict, upstream: dict | None):
+            if not force and (done := completed(location)) is not None:
+                print(f"[{name}] complete, skipped ({location})", flush=True)
                 return {**done, "skipped": True}
-            if force and d.exists():
-                (d / RESULT).unlink(missing_ok=True)
-            d.mkdir(parents=True, exist_ok=True)
-            print(f"[{name}] running ({d})", flush=True)
-            return {**finish(d, body(from_dict(cfg_dict), d, ctx, upstream)), "skipped": False}
+            if force:
+                storage.delete(storage.join(location, RESULT))
+            storage.make_dir(location)
+            print(f"[{name}] running ({location})", flush=True)
+            return {**finish(location, body(from_dict(cfg_dict), location, ctx, upstream)), "skipped": False}
         task.__name__ = name
         return task
     return decorate
 
 
 @_step("prepare")
-def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dict:
+def prepare_step(cfg: PipelineConfig, d: str, ctx: dict, upstream: None) -> dict:
     from data_prep.__main__ import source_from_args
     import argparse
 
@@ -80,7 +74,7 @@ def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dic
                               synthetic_train=data.synthetic_train, synthetic_val=data.synthetic_val,
                               synthetic_size=data.synthetic_size, synthetic_classes=data.synthetic_classes,
                               seed=data.seed)
-    out = data.prepared or str(d / "shards")
+    out = data.prepared or storage.join(d, "shards")
     source, desc = source_from_args(args)
     manifest = prepare(source, out, source_desc=desc, splits=[data.train_split, data.val_split],
                        shard_size=data.shard_size, max_rejected=data.max_rejected, progress=False)
@@ -91,53 +85,56 @@ def prepare_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: None) -> dic
 
 
 @_step("train")
-def train_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
+def train_step(cfg: PipelineConfig, d: str, ctx: dict, upstream: dict) -> dict:
     from data_prep.loader import load_manifest
 
     from .train import best_and_latest, fit, storage_for
 
     prepared = upstream["prepared"]
     manifest = load_manifest(prepared)  # fit's datasets check their shards' sha256 before training
-    result = fit(cfg, prepared, manifest, storage=storage_for(cfg), name=d.name, tracking_uri=ctx["uri"],
-                 run_id=ctx["run_id"])
+    result = fit(cfg, prepared, manifest, storage=storage_for(cfg), name=d.rstrip("/").rsplit("/", 1)[-1],
+                 tracking_uri=ctx["uri"], run_id=ctx["run_id"])
     if result.error:
         raise result.error
     best, latest, metrics = best_and_latest(result)
-    final = d / "final_checkpoint"
-    shutil.rmtree(final, ignore_errors=True)
-    best.to_directory(str(final))  # a local copy, whatever the storage
-    return {"prepared": prepared, "checkpoint": str(final), "latest": latest.path,
+    final = storage.join(d, "final_checkpoint")  # the best one, kept beside the step's result
+    storage.copy_tree(best.path, final, src_fs=best.filesystem)
+    return {"prepared": prepared, "checkpoint": final, "latest": storage.uri(latest.filesystem, latest.path),
             "val_miou": metrics.get("val_miou"), "iteration": metrics.get("iteration")}
 
 
 @_step("evaluate")
-def evaluate_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
-    from .evaluate import evaluate_checkpoint
-
-    result = evaluate_checkpoint(upstream["checkpoint"], upstream["prepared"], cfg.data.val_split, cfg, d)
-    metrics = {"eval_miou": result["miou"], "eval_pixel_accuracy": result["pixel_accuracy"]}
-    metrics |= {f"eval_iou/{c}": v for c, v in result["iou"].items() if v is not None}
-    config_path = d / "config.yaml"
+def evaluate_step(cfg: PipelineConfig, d: str, ctx: dict, upstream: dict) -> dict:
     from omegaconf import OmegaConf
 
-    config_path.write_text(OmegaConf.to_yaml(to_dict(cfg)))
-    _log(ctx, metrics=metrics, artifacts=[(d / "iou.md", "evaluation"), (d / "confusion.png", "evaluation"),
-                                          (d / "metrics.json", "evaluation"), (d / "overlays", "evaluation/overlays"),
-                                          (config_path, ""), (Path(upstream["checkpoint"]), "checkpoint")])
-    return {**upstream, "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"], "evaluation": str(d)}
+    from .evaluate import evaluate_checkpoint
+
+    # written locally (and logged to MLflow from there), then copied to the step's folder
+    with storage.local_copy(upstream["checkpoint"]) as checkpoint, storage.writable_dir(d) as out:
+        result = evaluate_checkpoint(checkpoint, upstream["prepared"], cfg.data.val_split, cfg, out)
+        metrics = {"eval_miou": result["miou"], "eval_pixel_accuracy": result["pixel_accuracy"]}
+        metrics |= {f"eval_iou/{c}": v for c, v in result["iou"].items() if v is not None}
+        config_path = out / "config.yaml"
+        config_path.write_text(OmegaConf.to_yaml(to_dict(cfg)))
+        _log(ctx, metrics=metrics, artifacts=[(out / "iou.md", "evaluation"), (out / "confusion.png", "evaluation"),
+                                              (out / "metrics.json", "evaluation"),
+                                              (out / "overlays", "evaluation/overlays"),
+                                              (config_path, ""), (checkpoint, "checkpoint")])
+    return {**upstream, "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"], "evaluation": d}
 
 
 @_step("register")
-def register_step(cfg: PipelineConfig, d: Path, ctx: dict, upstream: dict) -> dict:
+def register_step(cfg: PipelineConfig, d: str, ctx: dict, upstream: dict) -> dict:
     import numpy as np
 
     from .register import register_model
 
     size = cfg.data.synthetic_size if cfg.data.source == "synthetic" else 64
     example = np.zeros((1, size, size, 3), np.uint8)
-    reg = register_model(uri=ctx["uri"], run_id=ctx["run_id"], checkpoint=upstream["checkpoint"],
-                         model_name=cfg.tracking.model_name, alias=cfg.tracking.alias, miou=upstream["miou"],
-                         input_example=example)
+    with storage.local_copy(upstream["checkpoint"]) as checkpoint:
+        reg = register_model(uri=ctx["uri"], run_id=ctx["run_id"], checkpoint=checkpoint,
+                             model_name=cfg.tracking.model_name, alias=cfg.tracking.alias, miou=upstream["miou"],
+                             input_example=example)
     return {**upstream, **reg}
 
 

@@ -54,14 +54,41 @@ def init_ray(cfg: PipelineConfig) -> None:
                  runtime_env={"env_vars": env})
 
 
+def preflight(cfg: PipelineConfig, uri: str) -> None:
+    """Before any work: the storage root answers (written, read back, deleted), then Ray; on a
+    cluster of several nodes, every location a step reads or writes must be one they all reach."""
+    from . import storage
+
+    storage.probe(storage.root(cfg))  # an unwritable storage fails now, not hours in
+    if cfg.data.prepared:
+        storage.probe(cfg.data.prepared, "data.prepared")
+    init_ray(cfg)
+    storage.check_reachable(storage.root(cfg), "storage" if cfg.storage else "run_dir (the storage root)")
+    if cfg.data.prepared:
+        storage.check_reachable(cfg.data.prepared, "data.prepared")
+    if cfg.data.root and cfg.data.source != "synthetic":
+        storage.check_reachable(cfg.data.root, "data.root")
+    check_tracking(uri)
+
+
+def check_tracking(uri: str) -> None:
+    """A sqlite file (or a local folder) as MLflow's backend is one node's: on a cluster the
+    workers would log into a database of their own, on their own disk."""
+    import ray
+
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    if nodes > 1 and not uri.startswith(("http://", "https://", "databricks")):
+        raise ValueError(f"tracking.tracking_uri={uri!r} is one node's own database, but the Ray cluster has "
+                         f"{nodes} nodes: start an MLflow server on the head (see cluster.yaml) and set "
+                         "tracking.tracking_uri=http://<head>:5000 (or MLFLOW_TRACKING_URI)")
+
+
 def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict:
     """Runs the DAG for cfg; returns each step's result."""
     from .tracking import parent_run, tracking_uri
-    from .train import probe_storage, storage_for
 
-    probe_storage(storage_for(cfg))  # before any work: an unwritable storage fails now, not hours in
-    init_ray(cfg)
     uri = tracking_uri(cfg)
+    preflight(cfg, uri)
     key = step_keys(cfg)["register"]
     run_id = parent_run(cfg, uri, key)
     from .tracking import client

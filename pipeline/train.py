@@ -247,56 +247,10 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def storage_for(cfg: PipelineConfig) -> str:
-    """Where Ray Train and Tune keep checkpoints: ``storage``, else under the run directory."""
-    from pathlib import Path
+    """Where Ray Train and Tune keep their runs and checkpoints: ``ray_storage`` on the storage root."""
+    from .storage import join, root
 
-    return cfg.storage or str(Path(cfg.run_dir).resolve() / "ray_storage")
-
-
-class StorageError(ValueError):
-    """The run's storage cannot be written and read back."""
-
-
-def probe_storage(storage: str) -> None:
-    """Writes a small object under ``storage``, reads it back and deletes it, before any work
-    starts; a ``StorageError`` naming the URI and the file system's error otherwise (a bucket that
-    does not exist, no credentials, an endpoint that does not answer, a path that is a file)."""
-    import os
-    import uuid
-
-    import pyarrow.fs as pafs
-
-    from data_prep.shards import atomic_write, resolve
-
-    payload = f"ccnet storage probe {uuid.uuid4().hex}".encode()
-    try:
-        fs, root = resolve(storage)
-        if isinstance(fs, pafs.LocalFileSystem):  # its nearest existing folder: nothing is left behind
-            while not os.path.lexists(root) and os.path.dirname(root) != root:
-                root = os.path.dirname(root)
-        path = f"{root.rstrip('/')}/.ccnet-probe-{uuid.uuid4().hex}"
-        atomic_write(fs, path, payload)
-        with fs.open_input_stream(path) as f:
-            back = f.read()
-        fs.delete_file(path)
-    except Exception as exc:  # pyarrow raises OSError, FileNotFoundError, ValueError, ... per backend
-        raise StorageError(f"storage {storage!r} cannot be written and read back: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else exc!r}. Check the URI, the bucket, the "
-                           "credentials and the endpoint (AWS_ENDPOINT_URL), or choose another storage") from None
-    if back != payload:
-        raise StorageError(f"storage {storage!r} returned other bytes than were written to it")
-
-
-def check_storage(storage: str) -> None:
-    """Several nodes need storage they all reach: an object store or a shared file system."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in storage:
-        raise ValueError(
-            f"storage={storage!r} is a local path, but the Ray cluster has {len(nodes)} nodes: checkpoints "
-            "written on one node would be missing on the others. Set storage to an object store "
-            "(s3://bucket/prefix, gs://...) or to file:///path for a file system every node mounts.")
+    return join(root(cfg), "ray_storage")
 
 
 def check_attention_op(cfg: PipelineConfig) -> None:
@@ -330,7 +284,9 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
 
     from data_prep.loader import AugmentConfig, eval_dataset, training_dataset
 
-    check_storage(storage)
+    from .storage import check_reachable
+
+    check_reachable(storage)
     check_attention_op(cfg)
     t = cfg.train
     augment = AugmentConfig(crop=t.crop, scale=(t.scale_min, t.scale_max), flip=t.flip, jitter=t.jitter)

@@ -79,12 +79,16 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
 
 
 def concurrency(cfg: PipelineConfig) -> int:
-    """Trials that fit at once: the cluster's CPUs (or GPUs) over one trial's training workers,
-    leaving a CPU per trial to Ray Data."""
+    """Trials at once: ``tune.max_concurrent``; unset, every trial when joining a cluster (each
+    trial's trainer asks for its workers' placement group, the demand an autoscaler answers with
+    nodes, whatever the cluster holds at the start), and what fits on a local Ray's fixed CPUs
+    (GPUs), leaving a CPU per trial to Ray Data."""
     import ray
 
     if cfg.tune.max_concurrent:
         return cfg.tune.max_concurrent
+    if cfg.ray_address:
+        return cfg.tune.num_samples
     total = ray.cluster_resources()
     s = cfg.scaling
     if s.use_gpu:
@@ -94,7 +98,6 @@ def concurrency(cfg: PipelineConfig) -> int:
 
 def search(cfg: PipelineConfig) -> dict:
     """Prepares the data (the pipeline's own step), runs or resumes the search, registers the best."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -102,13 +105,12 @@ def search(cfg: PipelineConfig) -> dict:
     from data_prep.loader import load_manifest
 
     from .dag import run_dag, step_keys
-    from .run import init_ray
+    from .run import preflight
     from .tracking import client, parent_run, tracking_uri
-    from .train import probe_storage, storage_for
+    from .train import storage_for
 
-    probe_storage(storage_for(cfg))
-    init_ray(cfg)
     uri, key = tracking_uri(cfg), step_keys(cfg)["tune"]
+    preflight(cfg, uri)
     parent_id = parent_run(cfg, uri, key)
     client(uri).set_tag(parent_id, "pipeline.kind", "tune")
     prepared = run_dag(cfg, {"uri": uri, "run_id": parent_id}, only="prepare")["prepare"]["prepared"]
@@ -167,8 +169,13 @@ def register_best(cfg: PipelineConfig, best, uri: str, parent_id: str) -> dict:
 
     from .register import register_model
 
+    from data_prep.shards import resolve
+
+    from .train import storage_for
+
     local = tempfile.mkdtemp(prefix="ccnet-best-")
-    ray.train.Checkpoint(best.metrics["checkpoint_path"]).to_directory(local)
+    fs, _ = resolve(storage_for(cfg))  # the trainer reports the path bare, on the search's storage
+    ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(local)
     from .tracking import client
 
     client(uri).log_metric(parent_id, "best_val_miou", best.metrics["val_miou"])

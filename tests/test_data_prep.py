@@ -150,6 +150,43 @@ def test_folder_layout(ray_cluster, tmp_path):
         np.testing.assert_array_equal(decode_label(rows[("train", key)]["label"]), mask)
 
 
+def test_dataset_root_as_a_uri(ray_cluster, tmp_path):
+    """data.root given as a URI (here file://, read through pyarrow as s3:// is) lists and loads
+    the same samples into the same shards as the plain path."""
+    make_folder(tmp_path / "data", np.random.default_rng(3))
+    run("folder", tmp_path / "data", tmp_path / "plain", shard_size=4)
+    run("folder", f"file://{tmp_path / 'data'}", tmp_path / "uri", shard_size=4)
+    plain, uri = read_manifest(str(tmp_path / "plain")), read_manifest(str(tmp_path / "uri"))
+    assert [s["sha256"] for s in uri["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in plain["splits"]["train"]["shards"]]
+    assert uri["splits"]["train"]["samples"] == plain["splits"]["train"]["samples"] > 0
+
+
+def test_a_root_missing_where_the_task_runs_stops_the_run(ray_cluster, tmp_path):
+    """The root was there when the samples were listed, but not where a shard is prepared (another
+    node's disk): an error of the run, not a shard of rejected samples."""
+    from data_prep.sources.base import UnreachableError
+
+    class ListedOnAnotherDisk:
+        """The folder as the driver lists it; where the shards are prepared, it is not there."""
+
+        def __init__(self, source):
+            self.source, self.root, self.info, self.splits = source, source.root, source.info, source.splits
+
+        def list(self, split):
+            refs = self.source.list(split)
+            self.root.rename(self.root.with_name("elsewhere"))
+            return refs
+
+        def load(self, ref):
+            return self.source.load(ref)
+
+    make_folder(tmp_path / "data", np.random.default_rng(3))
+    source = ListedOnAnotherDisk(build_source("folder", tmp_path / "data"))
+    with pytest.raises(UnreachableError, match="is not a folder on the node that prepares train-00000"):
+        prepare(source, str(tmp_path / "out"), source_desc={"name": "folder"}, shard_size=4, progress=False)
+
+
 def test_synthetic_is_deterministic_and_needs_context():
     cfg = SyntheticConfig()
     a, b = generate(cfg, "train", 5), generate(cfg, "train", 5)

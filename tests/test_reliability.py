@@ -95,7 +95,7 @@ def train_storage(workdir: Path, overrides: list[str]) -> Path:
     from pipeline.train import storage_for
 
     cfg = config(workdir, overrides)
-    return Path(storage_for(cfg)) / step_dir(cfg, "train", step_keys(cfg)["train"]).name
+    return Path(storage_for(cfg)) / step_dir(cfg, "train", step_keys(cfg)["train"]).rsplit("/", 1)[-1]
 
 
 def committed(storage: Path) -> int | None:
@@ -126,16 +126,19 @@ def wait_for_training(workdir: Path, overrides: list[str], proc: subprocess.Pope
     raise AssertionError("training never committed a checkpoint:\n" + log.read_text()[-3000:])
 
 
-def train_worker_pids(driver_pid: int) -> list[int]:
-    """The live Ray Train workers of the run whose driver (``pipeline.run``) has this pid: the
-    actors of its Ray job, whatever other jobs of the session left behind."""
-    from ray.util.state import list_actors, list_jobs
+def train_worker_pids(log: Path) -> list[int]:
+    """The live processes of the run's latest Ray Train worker group, as the run's own log lists
+    them when the group starts ("(ip=..., pid=N) world_rank=R")."""
+    groups = log.read_text().split("Started training worker group")
+    pids = [int(p) for p in re.findall(r"pid=(\d+)\) world_rank=", groups[-1])] if len(groups) > 1 else []
+    return [pid for pid in pids if alive(pid)]
 
-    jobs = {j.job_id for j in list_jobs() if j.driver_info is not None and int(j.driver_info.pid) == driver_pid}
-    # a generous limit: the session's earlier tests leave hundreds of dead actors, and a truncated
-    # listing raises
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000)
-    return sorted(a.pid for a in actors if a.job_id in jobs)
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")  # not a zombie, nor a reused pid
+    except OSError:
+        return False
 
 
 def assert_steps_once(client, run_id: str, iterations: int, val_every: int) -> None:
@@ -157,7 +160,7 @@ def test_training_survives_a_killed_worker(ray_cluster, workdir):
     log = workdir / "worker_loss.log"
     proc = start(command(workdir, ray_cluster, WORKER_LOSS), log)
     kept_at = wait_for_training(workdir, WORKER_LOSS, proc, log)
-    pids = train_worker_pids(proc.pid)
+    pids = train_worker_pids(log)
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
     out = finish(proc, log)
@@ -183,13 +186,14 @@ def test_rerun_after_a_killed_driver_resumes_training(ray_cluster, workdir):
     log = workdir / "driver_loss_1.log"
     proc = start(cmd, log)
     kept_at = wait_for_training(workdir, DRIVER_LOSS, proc, log)
-    assert len(train_worker_pids(proc.pid)) == 2
+    workers = train_worker_pids(log)
+    assert len(workers) == 2, workers
     proc.kill()
     proc.wait()
     deadline = time.time() + 60  # its workers go with it (their owner is gone)
-    while train_worker_pids(proc.pid) and time.time() < deadline:
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.5)
-    assert not train_worker_pids(proc.pid)
+    assert not any(alive(pid) for pid in workers)
     client, run_id = mlflow_run(workdir, DRIVER_LOSS)
     logged_before = steps(client, run_id, "loss")
 

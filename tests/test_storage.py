@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_overrides
 from pipeline.config import load_config
-from pipeline.train import StorageError, probe_storage
+from pipeline.storage import StorageError, probe as probe_storage
 
 
 def _closed_port() -> int:

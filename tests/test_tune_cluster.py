@@ -1,14 +1,12 @@
-"""Ray Tune search, the cluster config, and training across two Ray nodes."""
+"""Ray Tune search on one machine, and the cluster config (the cluster itself: test_cluster.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import tiny_overrides
@@ -26,25 +24,53 @@ def test_cluster_yaml_validates_against_rays_schema():
     assert "--dashboard-host=127.0.0.1" in text
     assert "0.0.0.0" not in text
     assert "python -m ops.build" in text
+    types = config["available_node_types"]
+    gpus = sorted(t["resources"].get("GPU", 0) for t in types.values())
+    assert 1 in gpus and 8 in gpus  # a 1-GPU and an 8-GPU worker type
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in types.values())
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert config["idle_timeout_minutes"] > 0
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token, every node
+    assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands",
+                                                                       "worker_start_ray_commands"))
+    assert any("--artifacts-destination s3://" in c for c in config["head_start_ray_commands"])
+
+
+SEARCH = """
+import json, sys, time
+import ray
+from pipeline.config import load_config
+from pipeline.tune import search
+
+cfg = load_config(None, json.loads(sys.argv[1]))
+ray.init(address=cfg.ray_address)
+before = ray.available_resources().get("CPU")
+summary = search(cfg)
+deadline = time.time() + 60  # the stopped trials' trainers give their CPUs back
+while ray.available_resources().get("CPU") != before and time.time() < deadline:
+    time.sleep(1)
+print("SUMMARY " + json.dumps({**summary, "cpus_before": before, "cpus_after": ray.available_resources().get("CPU")},
+                              default=str))
+"""
 
 
 def test_small_search_with_asha(ray_cluster, tmp_path):
     """4 tiny trials: ASHA stops some early; every trial is in MLflow; resources return.
 
     One trial at a time, so ASHA sees the trials in the same order on every run (with several at
-    once, which trial reaches a rung first depends on timing)."""
-    import ray
+    once, which trial reaches a rung first depends on timing). The search runs in a driver of its
+    own, joined to the session's Ray, as ``python -m pipeline.tune ray_address=...`` does."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import load_config
-    from pipeline.tune import search
-
-    cfg = load_config(None, tiny_overrides(tmp_path) + [
+    overrides = tiny_overrides(tmp_path) + [
         "train.iterations=40", "train.val_every=10", "tune.num_samples=4", "tune.max_concurrent=1",
         "tune.lr_min=1e-6", "tune.lr_max=0.1", "tune.recurrence=[2]",  # lr from useless to brisk: trials differ
-        "tune.grace_period=1", "tune.reduction_factor=2", "tracking.model_name=ccnet_tuned"])
-    before = ray.available_resources().get("CPU")
-    summary = search(cfg)
+        "tune.grace_period=1", "tune.reduction_factor=2", "tracking.model_name=ccnet_tuned",
+        f"ray_address={ray_cluster}"]
+    proc = subprocess.run([sys.executable, "-c", SEARCH, json.dumps(overrides)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.split("SUMMARY ", 1)[1])
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["error"] is None for t in trials)
     iterations = sorted(t["iteration"] for t in trials)
@@ -61,13 +87,7 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
     best = summary["best"]
     assert best["val_miou"] == max(t["val_miou"] for t in trials)
     assert client.get_model_version("ccnet_tuned", str(best["version"])) is not None
-    # the stopped trials' trainers gave their CPUs back
-    import time
-
-    deadline = time.time() + 60
-    while ray.available_resources().get("CPU") != before and time.time() < deadline:
-        time.sleep(1)
-    assert ray.available_resources().get("CPU") == before
+    assert summary["cpus_after"] == summary["cpus_before"]  # the stopped trials' trainers gave their CPUs back
 
 
 def test_interrupted_search_resumes(ray_cluster, tmp_path):
@@ -118,64 +138,3 @@ def test_interrupted_search_resumes(ray_cluster, tmp_path):
         assert finished[tid].data.metrics["val_miou"] == before[tid].data.metrics["val_miou"]
         assert len(client.get_metric_history(finished[tid].info.run_id, "num_workers")) == 1
     assert client.get_registered_model("ccnet_resumed") is not None
-
-
-MULTI_NODE = textwrap.dedent('''
-    import json, sys
-    import ray
-    from ray.cluster_utils import Cluster
-
-    import socket
-    with socket.socket() as s:  # the dashboard on a free port: another Ray may hold the default
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
-                                                            "dashboard_host": "127.0.0.1", "dashboard_port": port})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    from pipeline.config import load_config
-    from pipeline.run import run
-    from pipeline.train import check_storage
-
-    try:
-        check_storage("/tmp/local/path")
-        local_refused = None
-    except ValueError as exc:
-        local_refused = str(exc)
-    cfg = load_config(None, json.loads(sys.argv[1]))
-    results = run(cfg)
-    print("RESULT " + json.dumps({"local_refused": local_refused, "uri": results["_run"]["uri"],
-                                  "run_id": results["_run"]["run_id"], "train": results["train"],
-                                  "nodes": len([n for n in ray.nodes() if n["Alive"]])}))
-    ray.shutdown()
-    cluster.shutdown()
-''')
-
-
-def test_training_across_two_nodes(tmp_path):
-    """A real two-node Ray cluster on this machine; the two workers on different nodes (DDP over gloo)."""
-    from mlflow.tracking import MlflowClient
-
-    overrides = tiny_overrides(tmp_path) + ["train.iterations=20", "train.val_every=10", "scaling.num_workers=2",
-                                  "scaling.cpus_per_worker=1", "scaling.placement_strategy=STRICT_SPREAD",
-                                  f"storage=file://{tmp_path / 'shared'}", "ray_address=auto"]
-    script = tmp_path / "multi_node.py"
-    script.write_text(MULTI_NODE)
-    proc = subprocess.run([sys.executable, str(script), json.dumps(overrides)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
-    assert out["nodes"] == 2
-    assert "local path" in out["local_refused"] and "2 nodes" in out["local_refused"]
-    client = MlflowClient(out["uri"])
-    assert client.get_metric_history(out["run_id"], "num_nodes")[0].value == 2  # one worker per node
-    steps = sorted(m.step for m in client.get_metric_history(out["run_id"], "loss"))
-    assert steps == [5, 10, 15, 20]
-    assert [m.step for m in sorted(client.get_metric_history(out["run_id"], "val_miou"), key=lambda m: m.step)] == [10, 20]
-    from pipeline.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(out["train"]["checkpoint"])
-    assert ckpt["iteration"] in (10, 20) and ckpt["metrics"]["val_miou"] == pytest.approx(out["train"]["val_miou"])
-

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import IGNORE_INDEX, DatasetInfo, SampleRef, label_lut, load_pair, pair_by_stem
+from .files import as_path
 
 # objectInfo150 of the SceneParsing benchmark, in annotation order 1..150
 CLASSES = (
@@ -42,7 +43,7 @@ class ADE20K:
     splits = ("train", "val")
 
     def __init__(self, root: str | Path) -> None:
-        root = Path(root)
+        root = as_path(root)
         self.root = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
         self.info = DatasetInfo("ade20k", CLASSES, random_palette(len(CLASSES)))
         self.lut = label_lut({0: IGNORE_INDEX, **{k: k - 1 for k in range(1, 151)}})

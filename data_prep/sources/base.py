@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from pathlib import Path
-
 import cv2
 import numpy as np
 from PIL import Image
+
+from .files import is_uri, read_bytes
 
 IGNORE_INDEX = 255
 INVALID = -1  # a raw label value outside the class set
@@ -58,12 +58,26 @@ def label_lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
+class UnreachableError(RuntimeError):
+    """A dataset file that this node cannot reach at all: an error of the run, not of the sample."""
+
+
+def _read(path: str, what: str) -> bytes:
+    """The file's bytes. A file that is missing or unreadable is the sample's fault (SampleError); an
+    object store that does not answer is not (UnreachableError, which stops the preparation)."""
+    try:
+        return read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise SampleError(f"unreadable {what} {path}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        if not is_uri(path):
+            raise SampleError(f"unreadable {what} {path}: {exc.strerror or exc}") from None
+        raise UnreachableError(f"cannot read {path}: {exc}") from exc
+
+
 def read_image(path: str) -> tuple[bytes, str, int, int]:
     """(bytes, format, height, width) of an image file that decodes to a colour image."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SampleError(f"unreadable image {path}: {exc.strerror or exc}") from None
+    data = _read(path, "image")
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if decoded is None:
         raise SampleError(f"unreadable image {path}: not a decodable image")
@@ -73,8 +87,9 @@ def read_image(path: str) -> tuple[bytes, str, int, int]:
 
 def read_label(path: str, lut: np.ndarray) -> np.ndarray:
     """The label file's values mapped through lut to uint8 train ids (palette PNGs: indices)."""
+    data = _read(path, "label")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             raw = np.array(img)
     except (OSError, ValueError) as exc:
         raise SampleError(f"unreadable label {path}: {exc}") from None

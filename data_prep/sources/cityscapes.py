@@ -4,9 +4,8 @@ official table (``cityscapesscripts.helpers.labels``); every other label id maps
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .base import IGNORE_INDEX, DatasetInfo, SampleRef, label_lut, load_pair, pair_by_stem
+from .files import as_path
 
 IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
 
@@ -14,10 +13,10 @@ IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
 class Cityscapes:
     splits = ("train", "val")
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str) -> None:
         from cityscapesscripts.helpers.labels import labels
 
-        self.root = Path(root)
+        self.root = as_path(root)
         train = sorted((lab for lab in labels if lab.trainId not in (255, -1)), key=lambda lab: lab.trainId)
         self.info = DatasetInfo("cityscapes", tuple(lab.name for lab in train),
                                 tuple(tuple(lab.color) for lab in train))

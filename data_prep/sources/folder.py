@@ -17,6 +17,7 @@ import yaml
 
 from .ade20k import random_palette
 from .base import IGNORE_INDEX, DatasetInfo, SampleRef, label_lut, load_pair, pair_by_stem
+from .files import as_path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -36,8 +37,8 @@ def read_classes(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
 
 class Folder:
     def __init__(self, root: str | Path, classes: str | Path | None = None) -> None:
-        self.root = Path(root)
-        candidates = [Path(classes)] if classes else [self.root / n for n in ("classes.yaml", "classes.yml", "classes.json")]
+        self.root = as_path(root)
+        candidates = [as_path(classes)] if classes else [self.root / n for n in ("classes.yaml", "classes.yml", "classes.json")]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
             raise FileNotFoundError(f"no class list: looked for {', '.join(map(str, candidates))}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import IGNORE_INDEX, DatasetInfo, SampleRef, label_lut, load_pair
+from .files import as_path
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
            "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -31,7 +32,7 @@ class VOC:
     splits = ("train", "val")
 
     def __init__(self, root: str | Path) -> None:
-        root = Path(root)
+        root = as_path(root)
         nested = root / "VOCdevkit" / "VOC2012"
         self.root = nested if nested.is_dir() else root
         self.info = DatasetInfo("voc", CLASSES, voc_palette(len(CLASSES)))

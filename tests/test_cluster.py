@@ -1,0 +1,201 @@
+"""The cluster path, on one machine whose Ray nodes share no disk (``local_cluster``): a job
+submitted with ``ray job submit --working-dir``, every step's output on S3, MLflow as a server
+with its artifacts on S3, a rerun that skips every step, the registered model served from another
+node, a worker node lost mid-training, and two Tune trials at once."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from local_cluster import BUCKET, LocalCluster, namespaces_refused, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "pipeline"  # the run's storage root: s3://ccnet/pipeline
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if reason := namespaces_refused():
+        pytest.skip(reason)
+    c = LocalCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def overrides(c: LocalCluster, extra: list[str]) -> list[str]:
+    """The tiny pipeline, its storage root on S3, its metrics on the head's MLflow server; 2
+    workers of half a CPU, one per worker node."""
+    return tiny_overrides(c.base / "driver") + [
+        f"storage=s3://{BUCKET}/{PREFIX}", f"tracking.tracking_uri={c.tracking_uri}",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD",
+        "train.val_every=10", "tracking.model_name=ccnet_cluster", *extra]
+
+
+def mlflow_client(c: LocalCluster):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(c.tracking_uri)
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def parent_run_id(out: str) -> str:
+    return re.search(r"MLflow run (\w+) at", out).group(1)
+
+
+FIRST = ["train.iterations=20", "train.seed=1"]
+
+
+def test_job_submitted_from_a_laptop_runs_on_nodes_that_share_no_disk(cluster):
+    """``ray job submit --working-dir .``: the code travels in the runtime environment, the op
+    builds on each worker node, every step writes to S3 and nothing to a node's disk."""
+    c = cluster
+    cmd = ["ray", "job", "submit", f"--address={c.dashboard}", f"--working-dir={ROOT}", "--",
+           "python", "-m", "pipeline.run", *overrides(c, FIRST), "ray_address=auto"]
+    proc = subprocess.run(cmd, env=c.env, cwd=c.base, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, out[-5000:]
+    assert "[train] 2 workers on 2 node(s)" in out, out[-5000:]
+    assert re.search(r"ops: ccnet_ops\S* compiled in", out), out[-5000:]  # built on a node, not found in a cache
+    keys = c.s3_keys(PREFIX + "/")
+    for step in ("prepare", "train", "evaluate", "register"):
+        assert any(re.fullmatch(rf"{PREFIX}/{step}-\w+/result\.json", k) for k in keys), (step, keys)
+    assert any(k.endswith("/shards/manifest.json") for k in keys)
+    assert any(re.fullmatch(rf"{PREFIX}/train-\w+/final_checkpoint/checkpoint\.pt", k) for k in keys)
+    assert any(re.fullmatch(rf"{PREFIX}/evaluate-\w+/(metrics\.json|iou\.md|confusion\.png)", k) for k in keys)
+    assert any(k.startswith(f"{PREFIX}/ray_storage/train-") and k.endswith("checkpoint.pt") for k in keys)
+    assert any(k.endswith("/MLmodel") for k in c.s3_keys("mlflow-artifacts/"))  # the model, through the server
+    assert not (c.base / "driver").exists()  # no step wrote to the run_dir of the head's disk
+    run_id = parent_run_id(out)
+    client = mlflow_client(c)
+    assert steps(client, run_id, "loss") == [5, 10, 15, 20]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # the same command again, from a driver on the head: every step is complete on S3
+    rerun = subprocess.run([sys.executable, "-m", "pipeline.run", *overrides(c, FIRST), f"ray_address={c.gcs}"],
+                           env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for step in ("prepare", "train", "evaluate", "register"):
+        assert f"{step}: skipped (complete)" in rerun.stdout, rerun.stdout[-3000:]
+    assert parent_run_id(rerun.stdout) == run_id
+
+
+SERVE = '''
+import json, sys
+import mlflow, numpy as np
+from data_prep.loader import eval_dataset
+from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.evaluate import inference_config
+from pipeline.serving import predict_labels
+
+checkpoint, shards = sys.argv[1], sys.argv[2]
+row = next(iter(eval_dataset(shards, "val").iter_rows()))
+rgb = np.clip((row["image"].transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN) * 255 + 0.5, 0, 255).astype(np.uint8)
+served = np.asarray(mlflow.pyfunc.load_model("models:/ccnet_cluster@champion").predict(rgb[None]))
+net, cfg = model_from_checkpoint(load_checkpoint(checkpoint))  # the trained weights, read from S3 directly
+direct = predict_labels(net, rgb[None], inference_config(cfg))
+print("SERVED " + json.dumps({"shape": list(served.shape), "agree": float((served == direct).mean()),
+                              "classes": sorted(np.unique(served).tolist())}))
+'''
+
+
+def test_registered_model_loads_on_another_node(cluster):
+    """``models:/<name>@champion`` loaded through the tracking server in a process whose disk is
+    not the head's; its predictions are those of the checkpoint on S3."""
+    c = cluster
+    keys = c.s3_keys(PREFIX + "/")
+    checkpoint = next(k for k in keys if re.fullmatch(rf"{PREFIX}/train-\w+/final_checkpoint/checkpoint\.pt", k))
+    shards = next(k for k in keys if k.endswith("/shards/manifest.json")).rsplit("/", 1)[0]
+    script = ROOT / ".pytest_cache" / "serve_on_another_node.py"  # outside the hidden folder
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(SERVE)
+    code = f"{sys.executable} {script} s3://{BUCKET}/{checkpoint} s3://{BUCKET}/{shards}"
+    proc = subprocess.run(c.private(f"env PYTHONPATH={ROOT} {code}"), env=c.env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("SERVED ", 1)[1])
+    assert out["shape"][-2:] == [64, 64]
+    assert out["agree"] == 1.0, out
+    assert set(out["classes"]) <= set(range(5))
+
+
+LOST = ["train.iterations=40", "train.max_failures=3", "train.seed=2"]
+
+
+def test_training_survives_a_lost_worker_node(cluster):
+    """SIGKILL every process of a worker node mid-training, start the node again (empty disk):
+    the run resumes from its checkpoint on S3 and logs every iteration once."""
+    from mlflow.tracking import MlflowClient
+
+    c = cluster
+    log = c.base / "lost_node.log"
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.run", *overrides(c, LOST), f"ray_address={c.gcs}"],
+                              env=c.env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(c.tracking_uri)
+
+        def training_past_a_checkpoint():
+            snapshot = [k for k in c.s3_keys(f"{PREFIX}/ray_storage/train-")
+                        if k.endswith("checkpoint_manager_snapshot.json")]
+            if not snapshot:
+                return None
+            runs = client.search_runs([client.get_experiment_by_name("ccnet").experiment_id],
+                                      "attributes.status = 'RUNNING'")
+            loss = steps(client, runs[0].info.run_id, "loss") if runs else []
+            return runs[0].info.run_id if loss and loss[-1] > 10 else None
+
+        run_id = wait_until(training_past_a_checkpoint, "training past its first checkpoint", timeout=400,
+                            proc=driver, log=log)
+        assert c.kill_worker(1) >= 2  # the raylet and at least one worker process
+        time.sleep(3)
+        c.start_worker(1)
+        driver.wait(timeout=600)
+        out = log.read_text()
+        assert driver.returncode == 0, out[-5000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    restarts = steps(client, run_id, "num_workers")
+    assert len(restarts) == 2 and restarts[0] == 0 and restarts[1] % 10 == 0, restarts
+    assert f"resumed from the checkpoint of iteration {restarts[1]}" in out
+    assert steps(client, run_id, "loss") == [5, 10, 15, 20, 25, 30, 35, 40]  # none lost, none twice
+    assert steps(client, run_id, "val_miou") == [10, 20, 30, 40]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_tune_runs_trials_at_once_on_the_cluster(cluster):
+    """tune.max_concurrent=2 is the only limit: two trials, each a one-worker trainer that asks for
+    its own resources, train at the same time (their MLflow runs overlap)."""
+    c = cluster
+    cmd = [sys.executable, "-m", "pipeline.tune", *overrides(c, [
+        "train.iterations=10", "train.val_every=5", "scaling.num_workers=1", "scaling.placement_strategy=PACK",
+        "tune.num_samples=2", "tune.max_concurrent=2", "tune.recurrence=[1]", "tune.grace_period=2",
+        "tracking.model_name=ccnet_cluster_tuned"]), f"ray_address={c.gcs}"]
+    proc = subprocess.run(cmd, env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = mlflow_client(c)
+    parent = re.search(r"MLflow parent run (\w+)", proc.stdout).group(1)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    spans = []
+    for r in runs:
+        assert steps(client, r.info.run_id, "loss") == [5, 10]
+        # from the worker group's start (num_workers) to the last validation: the trial's training
+        start = client.get_metric_history(r.info.run_id, "num_workers")[0].timestamp
+        end = max(m.timestamp for m in client.get_metric_history(r.info.run_id, "val_miou"))
+        spans.append((start, end))
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # both trained at once
