@@ -29,8 +29,9 @@ from .tracking import default_tracking_uri
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def resolve_checkpoint(model: str, tracking_uri: str | None) -> Path:
-    """A local checkpoint path for a ``models:/`` URI (downloaded) or a path."""
+def resolve_checkpoint(model: str, tracking_uri: str | None) -> Path | str:
+    """A local checkpoint path for a ``models:/`` URI (downloaded), else the path or storage URI
+    (``s3://.../final_checkpoint``) as given."""
     if model.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -41,7 +42,7 @@ def resolve_checkpoint(model: str, tracking_uri: str | None) -> Path:
         if not found:
             raise FileNotFoundError(f"{model} holds no checkpoint.pt")
         return found[0]
-    return Path(model)
+    return model if "://" in model else Path(model)
 
 
 def input_files(inputs: list[str]) -> list[Path]:

@@ -54,6 +54,14 @@ def init_ray(cfg: PipelineConfig) -> None:
                  runtime_env={"env_vars": env})
 
 
+def absolute_run_dir(cfg: PipelineConfig) -> PipelineConfig:
+    """run_dir as an absolute path, resolved once on the driver: Ray's workers run elsewhere."""
+    import dataclasses
+    from pathlib import Path
+
+    return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+
+
 def preflight(cfg: PipelineConfig, uri: str) -> None:
     """Before any work: the storage root answers (written, read back, deleted), then Ray; on a
     cluster of several nodes, every location a step reads or writes must be one they all reach."""
@@ -74,12 +82,12 @@ def preflight(cfg: PipelineConfig, uri: str) -> None:
 def check_tracking(uri: str) -> None:
     """A sqlite file (or a local folder) as MLflow's backend is one node's: on a cluster the
     workers would log into a database of their own, on their own disk."""
-    import ray
+    from .storage import cluster_nodes
 
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    if nodes > 1 and not uri.startswith(("http://", "https://", "databricks")):
+    count, elsewhere = cluster_nodes()
+    if elsewhere and not uri.startswith(("http://", "https://", "databricks")):
         raise ValueError(f"tracking.tracking_uri={uri!r} is one node's own database, but the Ray cluster has "
-                         f"{nodes} nodes: start an MLflow server on the head (see cluster.yaml) and set "
+                         f"{count} node(s) and runs tasks on others than this one: start an MLflow server on the head (see cluster.yaml) and set "
                          "tracking.tracking_uri=http://<head>:5000 (or MLFLOW_TRACKING_URI)")
 
 
@@ -87,6 +95,7 @@ def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = Non
     """Runs the DAG for cfg; returns each step's result."""
     from .tracking import parent_run, tracking_uri
 
+    cfg = absolute_run_dir(cfg)
     uri = tracking_uri(cfg)
     preflight(cfg, uri)
     key = step_keys(cfg)["register"]

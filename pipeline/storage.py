@@ -33,7 +33,9 @@ def root(cfg: PipelineConfig) -> str:
 
 
 def join(location: str, *parts: str) -> str:
-    return "/".join([location.rstrip("/"), *parts])
+    """location/part/...; a URI's query (``?endpoint_override=...``) stays at the end."""
+    base, sep, query = location.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
 def is_node_local(location: str) -> bool:
@@ -72,7 +74,8 @@ def read_json(location: str) -> dict | None:
 
 
 def write_json(location: str, obj) -> None:
-    """Written whole or not at all (a temporary sibling, then a rename; one PUT on object stores)."""
+    """Written whole or not at all: a temporary sibling, then a rename (on object stores, a copy of
+    the complete temporary object), so a reader never sees part of it."""
     fs, path = resolve(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     atomic_write(fs, path, json.dumps(obj, indent=1, default=str).encode())
@@ -161,13 +164,23 @@ def probe(location: str, what: str = "storage") -> None:
         raise StorageError(f"{what} {location!r} returned other bytes than were written to it")
 
 
-def check_reachable(location: str, what: str = "storage") -> None:
-    """Several nodes need locations they all reach: an object store or a shared file system."""
+def cluster_nodes() -> tuple[int, bool]:
+    """(alive nodes, whether the work runs on nodes other than the driver's): the case too of an
+    autoscaling cluster that starts with its head alone, a head that offers no CPUs to tasks."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and is_node_local(location):
+    here = ray.get_runtime_context().get_node_id()
+    head_only_drives = any(n["NodeID"] == here and not n.get("Resources", {}).get("CPU") for n in nodes)
+    return len(nodes), len(nodes) > 1 or head_only_drives
+
+
+def check_reachable(location: str, what: str = "storage") -> None:
+    """Several nodes need locations they all reach: an object store or a shared file system."""
+    count, elsewhere = cluster_nodes()
+    if elsewhere and is_node_local(location):
         raise StorageError(
-            f"{what}={location!r} is a local path, but the Ray cluster has {len(nodes)} nodes: what one node "
-            "writes there or reads from there is missing on the others. Set it to an object store "
+            f"{what}={location!r} is a local path, but the Ray cluster has {count} node(s) and runs tasks on "
+            "nodes other than this one (or will, as it scales up): what one node writes there"
+            " or reads from there is missing on the others. Set it to an object store "
             "(s3://bucket/prefix, gs://...) or to file:///path for a file system every node mounts.")

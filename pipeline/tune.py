@@ -105,10 +105,11 @@ def search(cfg: PipelineConfig) -> dict:
     from data_prep.loader import load_manifest
 
     from .dag import run_dag, step_keys
-    from .run import preflight
+    from .run import absolute_run_dir, preflight
     from .tracking import client, parent_run, tracking_uri
     from .train import storage_for
 
+    cfg = absolute_run_dir(cfg)
     uri, key = tracking_uri(cfg), step_keys(cfg)["tune"]
     preflight(cfg, uri)
     parent_id = parent_run(cfg, uri, key)
@@ -132,9 +133,11 @@ def search(cfg: PipelineConfig) -> dict:
                                         max_t=max(1, cfg.train.iterations // cfg.train.val_every),
                                         grace_period=t.grace_period, reduction_factor=t.reduction_factor),
                 # the limit goes to the generator too: Tune cannot see the resources a trial's
-                # trainer asks for, so the trials themselves must be few enough to fit
+                # trainer asks for, so the number of trials at once is the one limit
                 search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=n)),
-            run_config=tune.RunConfig(name=name, storage_path=storage))
+            # a trial whose node goes (a spot node reclaimed) starts again, its trainer from its checkpoint
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures)))
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_miou", mode="max")
     summary = {"parent_run_id": parent_id, "uri": uri, "trials": [], "best": None}

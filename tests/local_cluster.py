@@ -130,7 +130,7 @@ class LocalCluster:
 
     def _node_ports(self, i: int) -> list[str]:
         """Ports of their own for each node: they all listen on 127.0.0.1."""
-        lo = 30000 + 1000 * i
+        lo = 20000 + 1000 * i  # below the kernel's ephemeral ports (32768-), which free_port hands out
         return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -198,12 +198,20 @@ class LocalCluster:
 
     # --- clients -------------------------------------------------------------------------------
 
-    def s3_keys(self, prefix: str = "") -> list[str]:
+    def s3_client(self):
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.s3, aws_access_key_id="testing",
-                              aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.s3, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def s3_keys(self, prefix: str = "") -> list[str]:
         keys = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for page in self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
             keys += [o["Key"] for o in page.get("Contents", [])]
         return keys
+
+    def s3_read(self, key: str) -> bytes | None:
+        try:
+            return self.s3_client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        except self.s3_client().exceptions.NoSuchKey:
+            return None

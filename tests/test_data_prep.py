@@ -183,7 +183,7 @@ def test_a_root_missing_where_the_task_runs_stops_the_run(ray_cluster, tmp_path)
 
     make_folder(tmp_path / "data", np.random.default_rng(3))
     source = ListedOnAnotherDisk(build_source("folder", tmp_path / "data"))
-    with pytest.raises(UnreachableError, match="is not a folder on the node that prepares train-00000"):
+    with pytest.raises(UnreachableError, match=r"is not a folder on the node that prepares train-0000\d"):
         prepare(source, str(tmp_path / "out"), source_desc={"name": "folder"}, shard_size=4, progress=False)
 
 

@@ -67,9 +67,9 @@ def _read(path: str, what: str) -> bytes:
     object store that does not answer is not (UnreachableError, which stops the preparation)."""
     try:
         return read_bytes(path)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise SampleError(f"unreadable {what} {path}: {exc.strerror or exc}") from None
-    except OSError as exc:
+    except OSError as exc:  # a PermissionError on an object store is the node's credentials
         if not is_uri(path):
             raise SampleError(f"unreadable {what} {path}: {exc.strerror or exc}") from None
         raise UnreachableError(f"cannot read {path}: {exc}") from exc

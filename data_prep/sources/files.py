@@ -25,7 +25,8 @@ class StoragePath:
         part = str(part).strip("/")
         if not part:
             return self
-        return StoragePath(f"{self.uri}/{part}", _fs=self.fs, _path=f"{self.path}/{part}")
+        base, sep, query = self.uri.partition("?")  # s3://b/p?endpoint_override=...: the path first
+        return StoragePath(f"{base}/{part}{sep}{query}", _fs=self.fs, _path=f"{self.path}/{part}")
 
     def __str__(self) -> str:
         return self.uri
@@ -38,6 +39,9 @@ class StoragePath:
 
     def __hash__(self) -> int:
         return hash(self.uri)
+
+    def __lt__(self, other: StoragePath) -> bool:
+        return self.uri < other.uri
 
     @property
     def name(self) -> str:
@@ -67,7 +71,7 @@ class StoragePath:
         if not self.is_dir():
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive))
-        return [StoragePath(f"{self.uri}{i.path[len(self.path):]}", _fs=self.fs, _path=i.path) for i in infos]
+        return [self / i.path[len(self.path) + 1:] for i in infos]
 
     def iterdir(self) -> list[StoragePath]:
         return sorted(self._children(recursive=False), key=str)
