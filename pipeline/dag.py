@@ -92,7 +92,7 @@ def train_step(cfg: PipelineConfig, d: str, ctx: dict, upstream: dict) -> dict:
 
     prepared = upstream["prepared"]
     manifest = load_manifest(prepared)  # fit's datasets check their shards' sha256 before training
-    result = fit(cfg, prepared, manifest, storage=storage_for(cfg), name=d.rstrip("/").rsplit("/", 1)[-1],
+    result = fit(cfg, prepared, manifest, storage=storage_for(cfg), name=f"train-{step_keys(cfg)['train']}",
                  tracking_uri=ctx["uri"], run_id=ctx["run_id"])
     if result.error:
         raise result.error

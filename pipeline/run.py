@@ -87,7 +87,7 @@ def check_tracking(uri: str) -> None:
     count, elsewhere = cluster_nodes()
     if elsewhere and not uri.startswith(("http://", "https://", "databricks")):
         raise ValueError(f"tracking.tracking_uri={uri!r} is one node's own database, but the Ray cluster has "
-                         f"{count} node(s) and runs tasks on others than this one: start an MLflow server on the head (see cluster.yaml) and set "
+                         f"{count} node(s) and runs its tasks on other nodes than this one: start an MLflow server on the head (see cluster.yaml) and set "
                          "tracking.tracking_uri=http://<head>:5000 (or MLFLOW_TRACKING_URI)")
 
 

@@ -34,6 +34,8 @@ def root(cfg: PipelineConfig) -> str:
 
 def join(location: str, *parts: str) -> str:
     """location/part/...; a URI's query (``?endpoint_override=...``) stays at the end."""
+    if is_node_local(location):
+        return "/".join([location.rstrip("/"), *parts])
     base, sep, query = location.partition("?")
     return "/".join([base.rstrip("/"), *parts]) + sep + query
 
@@ -151,11 +153,19 @@ def probe(location: str, what: str = "storage") -> None:
         if isinstance(fs, pafs.LocalFileSystem):  # its nearest existing folder: nothing is left behind
             while not os.path.lexists(base) and os.path.dirname(base) != base:
                 base = os.path.dirname(base)
+        new_prefixes = []  # object stores: the folders the probe brings into being, deepest first
+        prefix = base.rstrip("/")
+        while "/" in prefix and fs.get_file_info(prefix).type == pafs.FileType.NotFound:
+            new_prefixes.append(prefix)
+            prefix = prefix.rsplit("/", 1)[0]
         path = f"{base.rstrip('/')}/.ccnet-probe-{uuid.uuid4().hex}"
         atomic_write(fs, path, payload)
         with fs.open_input_stream(path) as f:
             back = f.read()
         fs.delete_file(path)
+        for prefix in new_prefixes:  # the empty folder markers an object store keeps: not left behind
+            if fs.get_file_info(prefix).type != pafs.FileType.NotFound:
+                fs.delete_dir(prefix)
     except Exception as exc:  # pyarrow raises OSError, FileNotFoundError, ValueError, ... per backend
         raise StorageError(f"{what} {location!r} cannot be written and read back: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else exc!r}. Check the URI, the bucket, the "

@@ -107,6 +107,7 @@ def search(cfg: PipelineConfig) -> dict:
     from .dag import run_dag, step_keys
     from .run import absolute_run_dir, preflight
     from .tracking import client, parent_run, tracking_uri
+    from .storage import join
     from .train import storage_for
 
     cfg = absolute_run_dir(cfg)
@@ -119,7 +120,7 @@ def search(cfg: PipelineConfig) -> dict:
     trainable = tune.with_parameters(trial, base=to_dict(cfg), prepared=prepared, manifest=load_manifest(prepared),
                                      uri=uri, parent_id=parent_id, storage=storage)
     trainable = tune.with_resources(trainable, {"CPU": 0.1})  # it waits on its trainer, which asks for its own
-    path = f"{storage.rstrip('/')}/{name}"
+    path = join(storage, name)
     if tune.Tuner.can_restore(path):
         print(f"[tune] resuming the search in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)

@@ -104,10 +104,12 @@ def test_node_local_paths_are_refused_before_any_work(cluster):
     local = subprocess.run([sys.executable, "-m", "pipeline.run", *base, f"tracking.tracking_uri={c.tracking_uri}"],
                            env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert local.returncode != 0
+    assert "in preflight" in local.stderr and "[prepare]" not in local.stdout  # before any step ran
     assert "is a local path, but the Ray cluster has 3 node(s)" in local.stderr, local.stderr[-3000:]
     sqlite = subprocess.run([sys.executable, "-m", "pipeline.run", *base, f"storage=s3://{BUCKET}/refused"],
                             env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sqlite.returncode != 0
+    assert "in preflight" in sqlite.stderr and "[prepare]" not in sqlite.stdout
     assert "is one node's own database" in sqlite.stderr, sqlite.stderr[-3000:]
     assert not (c.base / "refused").exists() and not c.s3_keys("refused/")  # nothing written anywhere
 

@@ -19,7 +19,8 @@ class StoragePath:
     def __init__(self, uri: str, *, _fs: pafs.FileSystem | None = None, _path: str | None = None) -> None:
         if _fs is None:
             _fs, _path = pafs.FileSystem.from_uri(uri)
-        self.uri, self.fs, self.path = uri.rstrip("/"), _fs, _path.rstrip("/")
+        base, sep, query = uri.partition("?")
+        self.uri, self.fs, self.path = base.rstrip("/") + sep + query, _fs, _path.rstrip("/")
 
     def __truediv__(self, part: str) -> StoragePath:
         part = str(part).strip("/")
