@@ -179,8 +179,16 @@ def cluster_nodes() -> tuple[int, bool]:
     autoscaling cluster that starts with its head alone, a head that offers no CPUs to tasks."""
     import ray
 
+    # asked in a task of its own: a driver's global-state client can hang when other threads of the
+    # same process (Ray Data's, Ray Train's) use it at the same time, as in a long test session
+    look = ray.remote(num_cpus=0, max_retries=1)(_nodes_seen_from).options(scheduling_strategy="DEFAULT")
+    return ray.get(look.remote(ray.get_runtime_context().get_node_id()))
+
+
+def _nodes_seen_from(here: str) -> tuple[int, bool]:
+    import ray
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    here = ray.get_runtime_context().get_node_id()
     head_only_drives = any(n["NodeID"] == here and not n.get("Resources", {}).get("CPU") for n in nodes)
     return len(nodes), len(nodes) > 1 or head_only_drives
 
