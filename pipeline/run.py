@@ -71,24 +71,24 @@ def preflight(cfg: PipelineConfig, uri: str) -> None:
     if cfg.data.prepared:
         storage.probe(cfg.data.prepared, "data.prepared")
     init_ray(cfg)
-    storage.check_reachable(storage.root(cfg), "storage" if cfg.storage else "run_dir (the storage root)")
+    nodes = storage.cluster_nodes()  # asked once, for every check below
+    storage.check_reachable(storage.root(cfg), "storage" if cfg.storage else "run_dir (the storage root)", nodes)
     if cfg.data.prepared:
-        storage.check_reachable(cfg.data.prepared, "data.prepared")
+        storage.check_reachable(cfg.data.prepared, "data.prepared", nodes)
     if cfg.data.root and cfg.data.source != "synthetic":
-        storage.check_reachable(cfg.data.root, "data.root")
-    check_tracking(uri)
+        storage.check_reachable(cfg.data.root, "data.root", nodes)
+    check_tracking(uri, nodes)
 
 
-def check_tracking(uri: str) -> None:
+def check_tracking(uri: str, nodes: tuple[int, bool]) -> None:
     """A sqlite file (or a local folder) as MLflow's backend is one node's: on a cluster the
     workers would log into a database of their own, on their own disk."""
-    from .storage import cluster_nodes
-
-    count, elsewhere = cluster_nodes()
+    count, elsewhere = nodes
     if elsewhere and not uri.startswith(("http://", "https://", "databricks")):
         raise ValueError(f"tracking.tracking_uri={uri!r} is one node's own database, but the Ray cluster has "
-                         f"{count} node(s) and runs its tasks on other nodes than this one: start an MLflow server on the head (see cluster.yaml) and set "
-                         "tracking.tracking_uri=http://<head>:5000 (or MLFLOW_TRACKING_URI)")
+                         f"{count} node(s) and runs its tasks on other nodes than this one: start an MLflow "
+                         "server on the head (see cluster.yaml) and set tracking.tracking_uri=http://<head>:5000 "
+                         "(or MLFLOW_TRACKING_URI)")
 
 
 def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict:

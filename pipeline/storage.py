@@ -193,9 +193,10 @@ def _nodes_seen_from(here: str) -> tuple[int, bool]:
     return len(nodes), len(nodes) > 1 or head_only_drives
 
 
-def check_reachable(location: str, what: str = "storage") -> None:
-    """Several nodes need locations they all reach: an object store or a shared file system."""
-    count, elsewhere = cluster_nodes()
+def check_reachable(location: str, what: str = "storage", nodes: tuple[int, bool] | None = None) -> None:
+    """Several nodes need locations they all reach: an object store or a shared file system.
+    ``nodes``: ``cluster_nodes()``, when the caller has it already."""
+    count, elsewhere = nodes or cluster_nodes()
     if elsewhere and is_node_local(location):
         raise StorageError(
             f"{what}={location!r} is a local path, but the Ray cluster has {count} node(s) and runs tasks on "
