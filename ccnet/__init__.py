@@ -6,7 +6,7 @@ A plain PyTorch library on top of ``ops``.
     model = build_ccnet(19, backbone="resnet101", recurrence=2)
 """
 
-from .attention import CrissCrossAttention
+from .attention import CrissCrossAttention, attention_maps, pixel_attention
 from .backbone import BACKBONES, build_backbone
 from .heads import FCNHead, RCCAHead
 from .inference import InferenceConfig, predict, sliding_window, whole
@@ -17,6 +17,7 @@ from .non_local import NonLocal2d
 
 __all__ = [
     "BACKBONES", "CCNet", "CCNetLoss", "ConfusionMatrix", "CrissCrossAttention", "FCNHead",
-    "IGNORE_INDEX", "InferenceConfig", "NonLocal2d", "RCCAHead", "build_backbone", "build_ccnet",
-    "convert_sync_batchnorm", "ohem_mask", "predict", "segmentation_loss", "sliding_window", "whole",
+    "IGNORE_INDEX", "InferenceConfig", "NonLocal2d", "RCCAHead", "attention_maps", "build_backbone", "build_ccnet",
+    "convert_sync_batchnorm", "ohem_mask", "pixel_attention", "predict", "segmentation_loss", "sliding_window",
+    "whole",
 ]

@@ -36,3 +36,66 @@ class CrissCrossAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C, H, W)
         out = self.attention(self.query(x), self.key(x), self.value(x))
         return self.gamma * out + x
+
+
+def pixel_attention(q: Tensor, k: Tensor, y: int, x: int) -> Tensor:
+    """(N, H, W): the weights with which pixel (y, x) gathers its row and column in one pass (the
+    softmax over the H + W - 1 slots, the pixel itself once, in float32); zero off its cross."""
+    q, k = q.float(), k.float()
+    N, _, H, W = q.shape
+    query = q[:, :, y, x]  # (N, C')
+    row = torch.einsum("nc,ncw->nw", query, k[:, :, y, :])  # (N, W): (y, 0..W-1)
+    col = torch.einsum("nc,nch->nh", query, k[:, :, :, x])  # (N, H): (0..H-1, x)
+    col[:, y] = float("-inf")  # the pixel itself is counted once, in its row
+    weights = torch.softmax(torch.cat([row, col], dim=1), dim=1)
+    out = torch.zeros(N, H, W, dtype=torch.float32, device=q.device)
+    out[:, y, :] = weights[:, :W]
+    out[:, :, x] += weights[:, W:]
+    return out
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, images: Tensor, pixel: tuple[int, int], *,
+                   image_pixel: bool = False) -> list[Tensor]:
+    """Where the feature pixel ``pixel`` (y, x) of the head's map draws its information from,
+    after each of the R criss-cross passes: a list of R (N, H, W) maps, each summing to 1.
+    With ``image_pixel``, ``pixel`` is in the images' coordinates, and the feature pixel is the
+    one that covers it.
+
+    After pass 1 it is the pixel's own attention over its cross. After pass r it composes the
+    passes: the pixel's pass-r weights over its cross, each spread by that pixel's map after
+    pass r - 1 (the residual path ignored), so after two passes it covers the whole image, as in
+    the paper's figure 1 and its visualisations.
+    """
+    head = model.head if hasattr(model, "head") else model
+    inputs: list[tuple[nn.Module, Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
+             for m in head.attention if isinstance(m, CrissCrossAttention)]
+    try:
+        model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not inputs:
+        raise ValueError("the model has no criss-cross attention pass (recurrence 0, or non_local)")
+    _, _, H, W = inputs[0][1].shape
+    if image_pixel:
+        pixel = (pixel[0] * H // images.shape[2], pixel[1] * W // images.shape[3])
+    if not (0 <= pixel[0] < H and 0 <= pixel[1] < W):
+        raise ValueError(f"pixel {pixel} is outside the {H}x{W} feature map")
+    qk = [(module.query(x), module.key(x)) for module, x in inputs]
+    return [_composed(qk[: r + 1], pixel) for r in range(len(qk))]
+
+
+def _composed(qk: list[tuple[Tensor, Tensor]], pixel: tuple[int, int]) -> Tensor:
+    """The map of ``pixel`` after len(qk) passes: its own weights over its cross, each spread
+    by that cross pixel's map after the passes before (recursive: (H + W - 1) ** (R - 1) maps)."""
+    own = pixel_attention(*qk[-1], *pixel)
+    if len(qk) == 1:
+        return own
+    N, H, W = own.shape
+    out = torch.zeros_like(own)
+    y0, x0 = pixel
+    for yy, xx in [(y0, c) for c in range(W)] + [(c, x0) for c in range(H) if c != y0]:
+        out += own[:, yy, xx].view(N, 1, 1) * _composed(qk[:-1], (yy, xx))
+    return out

@@ -36,14 +36,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def source_from_args(args: argparse.Namespace):
+def make_source(source: str, *, root: str | None = None, classes: str | None = None, synthetic_train: int = 256,
+                synthetic_val: int = 64, synthetic_size: int = 96, synthetic_classes: int = 5, seed: int = 0):
     """(source, description recorded in the manifest)."""
-    if args.source == "synthetic":
-        cfg = SyntheticConfig(num_classes=args.synthetic_classes, size=args.synthetic_size, seed=args.seed,
-                              samples=(("train", args.synthetic_train), ("val", args.synthetic_val)))
+    if source == "synthetic":
+        cfg = SyntheticConfig(num_classes=synthetic_classes, size=synthetic_size, seed=seed,
+                              samples=(("train", synthetic_train), ("val", synthetic_val)))
         return build_source("synthetic", synthetic=cfg), {"name": "synthetic", "config": repr(cfg)}
-    source = build_source(args.source, args.root, classes=args.classes)
-    return source, {"name": args.source, "root": str(args.root), "classes": args.classes}
+    return build_source(source, root, classes=classes), {"name": source, "root": str(root), "classes": classes}
+
+
+def source_from_args(args: argparse.Namespace):
+    """The command line's source: ``make_source`` over its options."""
+    return make_source(args.source, root=args.root, classes=args.classes, synthetic_train=args.synthetic_train,
+                       synthetic_val=args.synthetic_val, synthetic_size=args.synthetic_size,
+                       synthetic_classes=args.synthetic_classes, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,12 @@
 A checkpoint is one ``checkpoint.pt`` holding plain data only (the pipeline config as a dict, the
 class names, the model, optimizer and scheduler state dicts, the iteration and the metrics), so
 it loads with ``torch.load(..., weights_only=True)``: a file that would run code when unpickled
-is refused.
+is refused. Beside it, ``checkpoint.json`` records its size and sha256 and the iteration: a
+truncated or corrupted file is recognised before it is loaded (``verify``), and training resumes
+from the newest intact checkpoint instead.
+
+The training checkpoint also holds the optimizer and scheduler state, to resume; the model that
+MLflow logs and serves holds the weights, the config and the classes only (``for_serving``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from ccnet import build_ccnet
 from .config import PipelineConfig, from_dict, to_dict
 
 FILENAME = "checkpoint.pt"
+SIDECAR = "checkpoint.json"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose file does not match its recorded size and sha256 (truncated, corrupted)."""
 
 
 def model_from_config(cfg: PipelineConfig, num_classes: int, *, pretrained: bool = True) -> nn.Module:
@@ -74,6 +84,59 @@ def save_checkpoint(directory: str | Path, *, cfg: PipelineConfig, classes: list
     }
     path = Path(directory) / FILENAME
     torch.save(payload, path)
+    write_sidecar(path, int(iteration))
+    return path
+
+
+def write_sidecar(path: Path, iteration: int) -> None:
+    import hashlib
+    import json
+
+    data = path.read_bytes()
+    (path.parent / SIDECAR).write_text(json.dumps({"file": FILENAME, "bytes": len(data), "iteration": iteration,
+                                                   "sha256": hashlib.sha256(data).hexdigest()}))
+
+
+def verify(directory: str, filesystem=None) -> dict:
+    """The sidecar of the checkpoint in ``directory`` (a local path, a URI, or a path on
+    ``filesystem``), after checking the file's size and sha256 against it; raises
+    ``DamagedCheckpoint`` saying what is wrong."""
+    import hashlib
+    import json
+
+    from . import storage
+
+    def read(name: str) -> bytes:
+        if filesystem is not None:
+            with filesystem.open_input_stream(f"{directory.rstrip('/')}/{name}") as f:
+                return f.read()
+        return storage.read_bytes(storage.join(directory, name))
+
+    try:
+        meta = json.loads(read(SIDECAR))
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"checkpoint {directory}: its {SIDECAR} is missing or unreadable ({exc})") from None
+    try:
+        data = read(FILENAME)
+    except OSError as exc:
+        raise DamagedCheckpoint(f"checkpoint {directory}: {FILENAME} cannot be read ({exc})") from None
+    if len(data) != meta["bytes"]:
+        raise DamagedCheckpoint(f"checkpoint {directory}: {FILENAME} has {len(data)} bytes, {meta['bytes']} were "
+                                "written (truncated)")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise DamagedCheckpoint(f"checkpoint {directory}: the sha256 of {FILENAME} differs from the one recorded "
+                                "when it was written (corrupted)")
+    return meta
+
+
+def for_serving(checkpoint: str | Path, directory: str | Path) -> Path:
+    """A copy of the checkpoint for MLflow: weights, config, classes, palette, iteration and
+    metrics, without the optimizer and scheduler state; returns its path."""
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["optimizer"] = ckpt["scheduler"] = None
+    path = Path(directory) / FILENAME
+    torch.save(ckpt, path)
+    write_sidecar(path, ckpt["iteration"])
     return path
 
 

@@ -99,6 +99,7 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     overlays: int = 4  # validation images drawn with their predictions
+    attention_maps: int = 2  # validation images whose attention of one object pixel is drawn, pass by pass
     amp: str | None = None  # inference precision: none | bf16 | fp16; None: train.amp on CUDA, none on CPU
     batch_size: int = 4  # images per forward in evaluation and prediction
 
@@ -107,8 +108,9 @@ class EvalConfig:
 class TrackingConfig:
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "ccnet"
-    model_name: str = "ccnet"
+    model_name: str | None = None  # registered model; default: the task's (ccnet-cityscapes, ccnet-synthetic-5)
     alias: str = "champion"
+    system_metrics_every: float = 10.0  # seconds between MLflow's system metric samples in training; 0: none
 
 
 @dataclasses.dataclass
@@ -125,6 +127,10 @@ class TuneConfig:
     recurrence: list[int] = field(default_factory=lambda: [1, 2, 3])
     ohem: list[bool] = field(default_factory=lambda: [False, True])
     crop: list[int] = field(default_factory=list)  # empty: train.crop for every trial
+    # the ablation instead of a search (configs/ablation.yaml): a grid of these variants (r0, r1, r2,
+    # r3: criss-cross with R passes; non_local: one dense non-local block) times tune.seeds, no early stop
+    variants: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     grace_period: int = 1  # ASHA: validations before a trial may be stopped
     reduction_factor: int = 2
     seed: int = 0
@@ -182,6 +188,11 @@ def _check(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.root is required for data.source={cfg.data.source!r}")
     if not 0 < cfg.tune.lr_min <= cfg.tune.lr_max:
         raise ConfigError("tune.lr_min and tune.lr_max must satisfy 0 < min <= max")
+    unknown = [v for v in cfg.tune.variants if v not in ("r0", "r1", "r2", "r3", "non_local")]
+    if unknown:
+        raise ConfigError(f"tune.variants: unknown {unknown}; choose from r0, r1, r2, r3, non_local")
+    if cfg.tune.variants and not cfg.tune.seeds:
+        raise ConfigError("tune.seeds must list at least one seed for the ablation")
     for key in ("weight_decay", "recurrence", "ohem"):
         if not getattr(cfg.tune, key):
             raise ConfigError(f"tune.{key} must list at least one value")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -47,12 +46,58 @@ def denormalize(image: np.ndarray, mean, std) -> np.ndarray:
     return np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def confusion_image(mat: np.ndarray, cell: int = 24) -> np.ndarray:
-    """Row-normalised confusion matrix as a heat map (rows: truth, columns: prediction), BGR."""
-    rows = mat.sum(1, keepdims=True)
-    norm = np.divide(mat, rows, out=np.zeros(mat.shape, float), where=rows > 0)
-    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    return cv2.resize(heat, (mat.shape[1] * cell, mat.shape[0] * cell), interpolation=cv2.INTER_NEAREST)
+def protocol(cfg: PipelineConfig, manifest: dict, split: str, precision: str, mode: str | None = None) -> str:
+    """How a score was measured, as a readable string: the inference (mode, window, scales,
+    flip, precision) and the validation data (split and the digest of its shards). Scores are
+    compared only under the same protocol."""
+    from .tracking import split_digest
+
+    e = cfg.eval
+    mode = mode or e.mode
+    window = f" crop={e.crop} stride={e.stride}" if mode == "slide" else ""
+    scales = ",".join(f"{x:g}" for x in e.scales) if mode == e.mode else "1"
+    flip = e.flip if mode == e.mode else False
+    return f"{mode}{window} scales={scales} flip={str(flip).lower()} amp={precision} " \
+           f"data={split}@{split_digest(manifest, split)}"
+
+
+def object_pixel(label: np.ndarray, background: int = 0) -> tuple[int, int] | None:
+    """One object pixel of a label map: the pixel of its rarest labelled class (not the
+    background class 0, nor 255) nearest to that class's centroid; None when there is none."""
+    classes, counts = np.unique(label[(label != 255) & (label != background)], return_counts=True)
+    if not len(classes):
+        return None
+    ys, xs = np.nonzero(label == classes[np.argmin(counts)])
+    i = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
+    return int(ys[i]), int(xs[i])
+
+
+def draw_attention(model, row: dict, classes: list[str], folder: Path) -> bool:
+    """The attention of one object pixel of the row's image after each criss-cross pass, over
+    the image (``attention/<key>.png``); False when the model has no criss-cross pass or the
+    image no object pixel."""
+    from ccnet import CrissCrossAttention, attention_maps
+    from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    from . import figures
+
+    head = getattr(model, "head", None)
+    passes = getattr(head, "recurrence", 0)
+    if not passes or not any(isinstance(m, CrissCrossAttention) for m in getattr(head, "attention", ())):
+        return False
+    pixel = object_pixel(row["label"])
+    if pixel is None:
+        return False
+    device = next(model.parameters()).device
+    image = torch.as_tensor(row["image"], device=device)[None].float()
+    maps = attention_maps(model, image, pixel, image_pixel=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = denormalize(row["image"], IMAGENET_MEAN, IMAGENET_STD)
+    cls = classes[int(row["label"][pixel])] if int(row["label"][pixel]) < len(classes) else "?"
+    figures.save(figures.attention_figure(rgb, [m[0].cpu().numpy() for m in maps], pixel,
+                                          title=f"{row['key']}: where a pixel of {cls} looks, pass by pass"),
+                 folder / f"{row['key']}.png")
+    return True
 
 
 def same_size_batches(rows, batch_size: int):
@@ -69,10 +114,13 @@ def same_size_batches(rows, batch_size: int):
 
 def evaluate_checkpoint(checkpoint: str | Path, prepared: str, split: str, cfg: PipelineConfig,
                         out_dir: str | Path, *, device: str | None = None) -> dict:
-    """Scores the checkpoint on the split; writes metrics.json, iou.md, confusion.png, overlays/."""
+    """Scores the checkpoint on the split; writes metrics.json, iou.md, the figures confusion.png
+    and iou.png, and overlays/ (image, ground truth, prediction, legend)."""
     from data_prep.loader import eval_dataset
     from data_prep.shards import read_manifest
     from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    from . import figures
 
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -83,7 +131,7 @@ def evaluate_checkpoint(checkpoint: str | Path, prepared: str, split: str, cfg: 
     manifest = read_manifest(prepared)
     classes, palette = manifest["classes"], manifest["palette"]
     cm = ConfusionMatrix(len(classes), device=device)
-    inference, drawn = inference_config(cfg, device), 0
+    inference, drawn, mapped = inference_config(cfg, device), 0, 0
     for rows in same_size_batches(eval_dataset(prepared, split).iter_rows(), cfg.eval.batch_size):
         images = torch.as_tensor(np.stack([row["image"] for row in rows]), device=device)
         preds = predict(model, images, inference).argmax(1)
@@ -91,17 +139,21 @@ def evaluate_checkpoint(checkpoint: str | Path, prepared: str, split: str, cfg: 
             cm.update(pred, torch.as_tensor(row["label"], device=device))
             if drawn < cfg.eval.overlays:
                 rgb = denormalize(row["image"], IMAGENET_MEAN, IMAGENET_STD)
-                both = np.concatenate([overlay(rgb, row["label"], palette), overlay(rgb, pred.cpu().numpy(), palette)], 1)
-                cv2.imwrite(str(out / "overlays" / f"{row['key']}.png"), cv2.cvtColor(both, cv2.COLOR_RGB2BGR))
+                figures.save(figures.overlay_figure(rgb, row["label"], pred.cpu().numpy(), classes, palette,
+                                                    title=str(row["key"])), out / "overlays" / f"{row['key']}.png")
                 drawn += 1
+            if mapped < cfg.eval.attention_maps and draw_attention(model, row, classes, out / "attention"):
+                mapped += 1
     summary = cm.summary()
     mat = cm.mat.cpu().numpy()
-    cv2.imwrite(str(out / "confusion.png"), confusion_image(mat))
+    figures.save(figures.confusion_figure(mat, classes), out / "confusion.png")
+    figures.save(figures.iou_figure(dict(zip(classes, summary["iou"])), summary["miou"]), out / "iou.png")
     lines = ["| class | IoU |", "|---|---|"] + [
         f"| {name} | {'n/a' if iou is None else f'{iou:.4f}'} |" for name, iou in zip(classes, summary["iou"])]
     (out / "iou.md").write_text("\n".join(lines) + f"\n\nmIoU {summary['miou']:.4f}, pixel accuracy "
                                 f"{summary['pixel_accuracy']:.4f}\n")
     result = {"miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
-              "iou": dict(zip(classes, summary["iou"])), "confusion": mat.tolist()}
+              "iou": dict(zip(classes, summary["iou"])), "confusion": mat.tolist(),
+              "protocol": protocol(cfg, manifest, split, inference.amp)}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     return result

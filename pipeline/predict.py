@@ -34,15 +34,32 @@ def resolve_checkpoint(model: str, tracking_uri: str | None) -> Path | str:
     (``s3://.../final_checkpoint``) as given."""
     if model.startswith(("models:/", "runs:/")):
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.rstrip('/')}/artifacts"))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.rstrip('/')}/artifacts"))
+        except MlflowException as exc:
+            raise FileNotFoundError(f"{model} cannot be loaded from {tracking_uri or mlflow.get_tracking_uri()}: "
+                                    f"{str(exc).splitlines()[0]} (registered models there: "
+                                    f"{registered_names(tracking_uri) or 'none'})") from None
         found = sorted(local.rglob("checkpoint.pt"))
         if not found:
             raise FileNotFoundError(f"{model} holds no checkpoint.pt")
         return found[0]
     return model if "://" in model else Path(model)
+
+
+def registered_names(tracking_uri: str | None) -> str:
+    """The registered models' names, with their aliases, at the tracking URI (for an error)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        models = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).search_registered_models()
+    except Exception:  # noqa: BLE001 (the error being reported is the user's; this list only helps)
+        return ""
+    return ", ".join(m.name + "".join(f" @{a}" for a in (m.aliases or {})) for m in models)
 
 
 def input_files(inputs: list[str]) -> list[Path]:

@@ -49,9 +49,27 @@ def init_ray(cfg: PipelineConfig) -> None:
         local = {} if cfg.ray_address else {  # a new local Ray; joining a cluster takes its settings
             "num_cpus": cfg.num_cpus, "include_dashboard": True,  # Ray Train's state queries need it
             "dashboard_host": "127.0.0.1"}
+        if not cfg.ray_address and not os.environ.get("RAY_ADDRESS"):
+            loopback_node()
         ray.init(address=cfg.ray_address, **local, logging_level="warning", log_to_driver=True,
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
                  runtime_env={"env_vars": env})
+
+
+LOCAL_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_node() -> None:
+    """A local Ray of one machine listens on 127.0.0.1 only: its GCS, raylet, object manager,
+    agents and workers bind to the node's IP address, and Ray takes 127.0.0.1 as that address
+    when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is 0 (on Linux it otherwise takes the outward
+    interface's, where another machine could connect). Ray reads the variable when it is
+    imported: it is set for the processes Ray starts, and applied to this one. A value the user
+    set is kept."""
+    from ray._private import ray_constants
+
+    os.environ.setdefault(LOCAL_NODE_VAR, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOCAL_NODE_VAR].lower() in ("true", "1")  # as Ray's env_bool
 
 
 def absolute_run_dir(cfg: PipelineConfig) -> PipelineConfig:
@@ -92,23 +110,29 @@ def check_tracking(uri: str, nodes: tuple[int, bool]) -> None:
 
 
 def run(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None) -> dict:
-    """Runs the DAG for cfg; returns each step's result."""
-    from .tracking import parent_run, tracking_uri
+    """Runs the DAG for cfg; returns each step's result, and under ``_run`` the MLflow runs."""
+    from .dag import attempt, check_steps, forced
+    from .tracking import client, evaluation_run, tracking_uri, training_run
 
+    check_steps(start, only)
     cfg = absolute_run_dir(cfg)
     uri = tracking_uri(cfg)
     preflight(cfg, uri)
-    key = step_keys(cfg)["register"]
-    run_id = parent_run(cfg, uri, key)
-    from .tracking import client
-
+    keys = step_keys(cfg)
+    n = attempt(cfg, forced=forced("train", start, only))
+    run_id = training_run(cfg, uri, keys["train"], n)
+    eval_run_id = evaluation_run(cfg, uri, keys["evaluate"], run_id)
+    runs = (run_id, eval_run_id)
     try:
-        results = run_dag(cfg, {"uri": uri, "run_id": run_id}, start=start, only=only)
+        results = run_dag(cfg, {"uri": uri, "run_id": run_id, "eval_run_id": eval_run_id, "attempt": n},
+                          start=start, only=only)
     except BaseException:
-        client(uri).set_terminated(run_id, status="FAILED")
+        for r in runs:
+            client(uri).set_terminated(r, status="FAILED")
         raise
-    client(uri).set_terminated(run_id, status="FINISHED")
-    return {**results, "_run": {"run_id": run_id, "uri": uri}}
+    for r in runs:
+        client(uri).set_terminated(r, status="FINISHED")
+    return {**results, "_run": {"run_id": run_id, "eval_run_id": eval_run_id, "uri": uri, "attempt": n}}
 
 
 def summary(results: dict, seconds: float) -> str:
@@ -122,17 +146,27 @@ def summary(results: dict, seconds: float) -> str:
         lines.append(f"  checkpoint: {results['train']['checkpoint']}")
     if "register" in results:
         reg = results["register"]
-        lines.append(f"  model: models:/{reg['name']}/{reg['version']}"
-                     + (f" (alias @{reg['alias']} now points here)" if reg["alias_moved"] else
-                        f" (alias @{reg['alias']} kept on version {reg['previous']}, which scores higher)"))
+        note = reg.get("alias_note") or f"alias @{reg['alias']} {'moved here' if reg['alias_moved'] else 'kept'}"
+        lines.append(f"  model: models:/{reg['name']}/{reg['version']} ({note})")
     for step in STEPS:
         if step in results:
-            lines.append(f"  {step}: {'skipped (complete)' if results[step].get('skipped') else 'ran'}")
-    lines.append(f"  MLflow run {run['run_id']} at {run['uri']}")
+            lines.append(f"  {step}: {step_outcome(step, results[step])}")
+    lines.append(f"  MLflow: training run {run['run_id']}, evaluation run {run['eval_run_id']} (nested) at {run['uri']}")
     if run["uri"].startswith("sqlite:///"):
         db_dir = os.path.dirname(run["uri"][len("sqlite:///"):])
         lines.append(f"  browse: cd {db_dir} && mlflow ui --backend-store-uri {run['uri']} --host 127.0.0.1")
     return "\n".join(lines)
+
+
+def step_outcome(step: str, result: dict) -> str:
+    """What the step did: skipped (complete), ran, or for the training, resumed and from where."""
+    if result.get("skipped"):
+        return "skipped (complete)"
+    if step == "train":
+        how = f"resumed from the checkpoint of iteration {result['resumed_from']}" if result.get("resumed_from") \
+            else "ran from iteration 0"
+        return f"{how} to {result['trained_to']} (attempt {result['attempt']}, Ray Train run {result['ray_run']})"
+    return "ran"
 
 
 def main(argv: list[str] | None = None) -> int:

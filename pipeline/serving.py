@@ -28,7 +28,7 @@ class CCNetPyfunc(mlflow.pyfunc.PythonModel):
         self.inference = inference_config(cfg, self.device)
         self.batch_size = cfg.eval.batch_size
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         return predict_labels(self.model, np.asarray(model_input), self.inference, batch_size=self.batch_size)
 
 

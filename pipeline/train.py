@@ -48,18 +48,58 @@ def build(cfg: PipelineConfig, num_classes: int):
 
 def restore(model, optimizer, scheduler) -> tuple[int, int]:
     """Loads the latest reported checkpoint, if any; returns the iteration to start from and the
-    number of non-finite steps skipped before it."""
+    number of non-finite steps skipped before it. A damaged latest checkpoint (its size or
+    sha256 differs from its sidecar's) gives way to the newest intact one that Ray kept, with a
+    message; none intact is an error."""
     import ray.train
+    import torch.distributed as dist
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
-    with checkpoint.as_directory() as d:
+    rank = ray.train.get_context().get_world_rank()
+    # rank 0 chooses, every rank loads the same checkpoint (the ranks must start together)
+    chosen = [intact_checkpoint(checkpoint.path, checkpoint.filesystem) if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    directory = chosen[0]
+    with ray.train.Checkpoint(directory, filesystem=checkpoint.filesystem).as_directory() as d:
         ckpt = load_checkpoint(d)
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if directory != checkpoint.path and rank == 0:
+        print(f"[train] resuming from the intact checkpoint of iteration {ckpt['iteration']} ({directory})", flush=True)
     return ckpt["iteration"], int(ckpt["metrics"].get("skipped_steps", 0))
+
+
+def intact_checkpoint(latest: str, fs) -> str:
+    """``latest`` if it verifies, else the newest intact checkpoint beside it (Ray's run folder
+    keeps ``CheckpointConfig.num_to_keep`` of them and the latest); raises DamagedCheckpoint when
+    none is intact."""
+    import pyarrow.fs as pafs
+
+    from .checkpoint import DamagedCheckpoint, verify
+
+    try:
+        verify(latest, fs)
+        return latest
+    except DamagedCheckpoint as exc:
+        damaged = exc
+    print(f"[train] {damaged}; looking for an earlier intact checkpoint", flush=True)
+    parent = latest.rstrip("/").rsplit("/", 1)[0]
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(parent)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.path.rstrip("/") != latest.rstrip("/"):
+            try:
+                found.append((verify(info.path, fs)["iteration"], info.path))
+            except DamagedCheckpoint as exc:
+                print(f"[train] {exc}", flush=True)
+    if not found:
+        raise DamagedCheckpoint(f"{damaged}, and no other intact checkpoint is in {parent}: start the training "
+                                "afresh (python -m pipeline.run --from train)")
+    return max(found)[1]
 
 
 def batches(shard, batch_size: int, device: torch.device):
@@ -124,16 +164,48 @@ def poisoned_steps(variable: str = FAULT_NONFINITE) -> set[int]:
 
 
 @torch.no_grad()
-def validate(model, shard, num_classes: int, device: torch.device, amp: str = "none") -> dict[str, float]:
-    """Whole-image mIoU over this worker's part of the validation split, all-reduced."""
+def validate(model, shard, num_classes: int, device: torch.device, amp: str = "none",
+             keep: int = 0) -> tuple[dict[str, float], list]:
+    """Whole-image mIoU over this worker's part of the validation split, all-reduced; and the
+    first ``keep`` (image, label, prediction) of the part, to draw."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
+    kept = []
     for batch in shard.iter_torch_batches(batch_size=1, device=device):
         with autocast(amp, device):
             logits = whole(unwrap(model), batch["image"].float()).float()
-        cm.update(logits.argmax(1), batch["label"])
+        pred = logits.argmax(1)
+        cm.update(pred, batch["label"])
+        if len(kept) < keep:
+            kept.append((batch["image"][0].cpu().numpy(), batch["label"][0].cpu().numpy(), pred[0].cpu().numpy()))
     cm.all_reduce()
-    return {"val_miou": cm.miou(), "val_pixel_accuracy": cm.pixel_accuracy()}
+    return {"val_miou": cm.miou(), "val_pixel_accuracy": cm.pixel_accuracy()}, kept
+
+
+def overlays(kept: list, classes: list[str], palette: list, step: int) -> dict:
+    """Validation overlays to log at ``step``: {key: RGB array} (image, ground truth, prediction)."""
+    from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    from . import figures
+    from .evaluate import denormalize
+
+    return {f"val_overlay_{i}": figures.to_array(figures.overlay_figure(
+        denormalize(image, IMAGENET_MEAN, IMAGENET_STD), label, pred, classes, palette,
+        title=f"validation image {i}, iteration {step}")) for i, (image, label, pred) in enumerate(kept)}
+
+
+def system_metrics(cfg: PipelineConfig, uri: str | None, run_id: str | None):
+    """MLflow's system metrics monitor for the run (CPU, memory, disk, network, and the GPUs
+    where NVML sees them), sampled every ``tracking.system_metrics_every`` seconds; None when
+    not tracking."""
+    if uri is None or run_id is None or not cfg.tracking.system_metrics_every:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_every,
+                                   samples_before_logging=1, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def report(cfg, classes, palette, model, optimizer, scheduler, iteration: int, metrics: dict, rank: int) -> None:
@@ -176,9 +248,21 @@ def on_nonfinite(cfg: PipelineConfig, step: int, skipped: int, last_checkpoint: 
                               f"train.max_skipped_steps={t.max_skipped_steps}: training stops; {kept}")
 
 
+def quiet_report_lines() -> None:
+    """Ray Train's workers log every report ("Reporting training result ...") at INFO, through a
+    logger named after its module's file that Ray's console filter does not cover: raised to
+    WARNING, so the console shows the pipeline's own lines."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
+    quiet_report_lines()
     cfg = from_dict(config["pipeline"])
     classes, t = config["classes"], cfg.train
     ctx = ray.train.get_context()
@@ -188,7 +272,6 @@ def train_loop_per_worker(config: dict) -> None:
     select_attention(cfg, device)
     model, optimizer, scheduler = build(cfg, len(classes))
     start, skipped = restore(model, optimizer, scheduler)
-    last_checkpoint = start
     criterion = CCNetLoss(aux_weight=t.aux_weight, ohem=t.ohem, ohem_thresh=t.ohem_thresh,
                           ohem_min_kept=t.ohem_min_kept)
     scaler = torch.amp.GradScaler(enabled=t.amp == "fp16" and device.type == "cuda")
@@ -197,10 +280,27 @@ def train_loop_per_worker(config: dict) -> None:
     logger.log({"num_workers": ctx.get_world_size(), "num_nodes": nodes}, start)
     if rank == 0 and start:
         print(f"[train] resumed from the checkpoint of iteration {start}", flush=True)
+    monitor = system_metrics(cfg, config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    try:
+        run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, scaler, logger, device,
+                       start, skipped)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, scaler, logger, device,
+                   start: int, skipped: int) -> None:
+    """The training iterations from ``start``: steps, logging, validation and checkpoints."""
+    import ray.train
+
+    t, classes, rank = cfg.train, config["classes"], ctx.get_world_rank()
+    last_checkpoint = start
     poison = poisoned_steps() if rank == 0 else set()
     poison_input = poisoned_steps(FAULT_NONFINITE_INPUT) if rank == 0 else set()
     data = batches(ray.train.get_dataset_shard("train"), t.batch_size, device)
     window, waited, tick = [], 0.0, time.perf_counter()
+    stepped, step_seconds = 0, 0.0  # the time in train_step since this attempt started
     for it in range(start, t.iterations):
         step = it + 1
         t0 = time.perf_counter()
@@ -208,8 +308,10 @@ def train_loop_per_worker(config: dict) -> None:
         waited += time.perf_counter() - t0
         if step in poison_input:
             images = torch.full_like(images, float("nan"))
+        t1 = time.perf_counter()
         losses = train_step(model, criterion, optimizer, scheduler, scaler, images, labels, t.amp,
                             poison=step in poison)
+        stepped, step_seconds = stepped + 1, step_seconds + time.perf_counter() - t1
         if losses is None:  # before any checkpoint could hold diverged weights
             skipped += 1
             on_nonfinite(cfg, step, skipped, last_checkpoint)
@@ -235,15 +337,28 @@ def train_loop_per_worker(config: dict) -> None:
                       f"ETA {(t.iterations - step) * elapsed / len(window):.0f} s", flush=True)
             window, waited, tick = [], 0.0, time.perf_counter()
         if step % t.val_every == 0 or step == t.iterations:
-            val = validate(model, ray.train.get_dataset_shard("val"), len(classes), device,
-                           eval_precision(cfg, device))
-            logger.log(val, step)
+            val, kept = validate(model, ray.train.get_dataset_shard("val"), len(classes), device,
+                                 eval_precision(cfg, device), keep=cfg.eval.overlays if rank == 0 else 0)
+            if kept and config.get("palette"):
+                logger.log_images(overlays(kept, classes, config["palette"], step), step)
+            costs = {"step_time_s": step_seconds / max(stepped, 1), "peak_memory_gb": peak_memory_gb(device)}
+            logger.log(val | costs, step)
             if rank == 0:
                 print(f"[train] iteration {step}: val mIoU {val['val_miou']:.4f}", flush=True)
             report(cfg, classes, config.get("palette"), model, optimizer, scheduler, step,
-                   {**val, "skipped_steps": skipped}, rank)
+                   {**val, "skipped_steps": skipped, **costs}, rank)
             last_checkpoint = step
             tick = time.perf_counter()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The peak memory of this worker: CUDA's peak allocation on a GPU, the process's peak
+    resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def storage_for(cfg: PipelineConfig) -> str:
@@ -251,6 +366,23 @@ def storage_for(cfg: PipelineConfig) -> str:
     from .storage import join, root
 
     return join(root(cfg), "ray_storage")
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
+
+
+def latest_iteration(storage: str, name: str) -> int:
+    """The iteration of the checkpoint that a ``fit`` of the Ray Train run ``name`` under
+    ``storage`` resumes from, as Ray's own snapshot of the run records it (its latest
+    registered checkpoint); 0 when there is none. (A damaged one is replaced by the newest
+    intact one when the workers restore, and they say so.)"""
+    from . import storage as st
+
+    try:
+        snapshot = st.read_json(st.join(storage, name, SNAPSHOT))
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["iteration"])
+    except (TypeError, KeyError, ValueError):  # none yet, no checkpoint in it, or half written
+        return 0
 
 
 def check_attention_op(cfg: PipelineConfig) -> None:
@@ -306,7 +438,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
         datasets={"train": train_ds, "val": val_ds},
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or []),
@@ -317,5 +449,16 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
 def best_and_latest(result):
     """(best checkpoint by val mIoU, latest checkpoint, best metrics): ``ray.train.Checkpoint``s,
     on whatever storage the run used."""
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1.0))
+    from .checkpoint import DamagedCheckpoint, verify
+
+    intact = []
+    for checkpoint, metrics in result.best_checkpoints:
+        try:
+            verify(checkpoint.path, checkpoint.filesystem)
+            intact.append((checkpoint, metrics))
+        except DamagedCheckpoint as exc:  # kept by Ray with its score, but not a model to ship
+            print(f"[train] {exc}: not a candidate for the final checkpoint", flush=True)
+    if not intact:
+        raise DamagedCheckpoint(f"none of the run's checkpoints is intact ({len(result.best_checkpoints)} kept)")
+    best = max(intact, key=lambda cm: cm[1].get("val_miou", -1.0))
     return best[0], result.checkpoint, dict(best[1])

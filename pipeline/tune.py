@@ -16,16 +16,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 
 from .config import PipelineConfig, from_dict, load_for_cli, presets, to_dict
+
+# the ablation's variants (``tune.variants``): the head's attention and its recurrence
+VARIANTS = {"r0": {"recurrence": 0, "attention": "cca"}, "r1": {"recurrence": 1, "attention": "cca"},
+            "r2": {"recurrence": 2, "attention": "cca"}, "r3": {"recurrence": 3, "attention": "cca"},
+            "non_local": {"recurrence": 1, "attention": "non_local"}}
 
 
 def search_space(cfg: PipelineConfig) -> dict:
     from ray import tune
 
     t = cfg.tune
+    if t.variants:  # the ablation: every variant with every seed, the rest of the config as it is
+        return {"variant": tune.grid_search(list(t.variants)), "seed": tune.grid_search(list(t.seeds))}
     space = {"lr": tune.loguniform(t.lr_min, t.lr_max), "weight_decay": tune.choice(t.weight_decay),
              "recurrence": tune.choice(t.recurrence), "ohem": tune.choice(t.ohem)}
     if t.crop:
@@ -35,6 +43,10 @@ def search_space(cfg: PipelineConfig) -> dict:
 
 def apply(cfg: PipelineConfig, params: dict) -> PipelineConfig:
     """The trial's config: the base config with the sampled values."""
+    if "variant" in params:
+        v = VARIANTS[params["variant"]]
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **v),
+                                   train=dataclasses.replace(cfg.train, seed=int(params["seed"])))
     train = dataclasses.replace(cfg.train, lr=params["lr"], weight_decay=params["weight_decay"],
                                 ohem=params["ohem"], crop=params.get("crop", cfg.train.crop))
     model = dataclasses.replace(cfg.model, recurrence=params["recurrence"])
@@ -57,7 +69,8 @@ def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: Pip
     run = c.create_run(experiment, run_name=trial_name,
                        tags={"mlflow.parentRunId": parent_id, "tune.trial_id": trial_id})
     c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()]
-                + [Param("model.recurrence", str(cfg.model.recurrence)), Param("train.lr", str(cfg.train.lr))])
+                + [Param("model.recurrence", str(cfg.model.recurrence)), Param("model.attention", cfg.model.attention),
+                   Param("train.lr", str(cfg.train.lr)), Param("train.seed", str(cfg.train.seed))])
     return run.info.run_id
 
 
@@ -96,6 +109,12 @@ def concurrency(cfg: PipelineConfig) -> int:
     return max(1, int(total.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + 1)))
 
 
+def validations(cfg: PipelineConfig) -> int:
+    """The results a trial reports: one every train.val_every iterations, and one at the end
+    (ASHA's max_t: a trial is never stopped before its final result)."""
+    return math.ceil(cfg.train.iterations / cfg.train.val_every)
+
+
 def search(cfg: PipelineConfig) -> dict:
     """Prepares the data (the pipeline's own step), runs or resumes the search, registers the best."""
     from ray import tune
@@ -106,8 +125,8 @@ def search(cfg: PipelineConfig) -> dict:
 
     from .dag import run_dag, step_keys
     from .run import absolute_run_dir, preflight
-    from .tracking import client, parent_run, tracking_uri
     from .storage import join
+    from .tracking import client, parent_run, tracking_uri
     from .train import storage_for
 
     cfg = absolute_run_dir(cfg)
@@ -126,13 +145,15 @@ def search(cfg: PipelineConfig) -> dict:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         t, n = cfg.tune, concurrency(cfg)
+        # the ablation trains every trial to the end (no early stopping), once per grid point
+        scheduler = None if t.variants else ASHAScheduler(time_attr="training_iteration", max_t=validations(cfg),
+                                                          grace_period=t.grace_period,
+                                                          reduction_factor=t.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
-                metric="val_miou", mode="max", num_samples=t.num_samples, max_concurrent_trials=n,
-                scheduler=ASHAScheduler(time_attr="training_iteration",
-                                        max_t=max(1, cfg.train.iterations // cfg.train.val_every),
-                                        grace_period=t.grace_period, reduction_factor=t.reduction_factor),
+                metric="val_miou", mode="max", num_samples=1 if t.variants else t.num_samples,
+                max_concurrent_trials=n, scheduler=scheduler,
                 # the limit goes to the generator too: Tune cannot see the resources a trial's
                 # trainer asks for, so the number of trials at once is the one limit
                 search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=n)),
@@ -147,11 +168,62 @@ def search(cfg: PipelineConfig) -> dict:
         summary["trials"].append({"trial_id": r.path.rstrip("/").split("/")[-1], "params": r.config,
                                   "val_miou": (r.metrics or {}).get("val_miou"),
                                   "iteration": (r.metrics or {}).get("iteration"),
+                                  "step_time_s": (r.metrics or {}).get("step_time_s"),
+                                  "peak_memory_gb": (r.metrics or {}).get("peak_memory_gb"),
                                   "error": None if r.error is None else str(r.error).splitlines()[0]})
-    if best is not None and best.metrics and best.metrics.get("checkpoint_path"):
-        summary["best"] = register_best(cfg, best, uri, parent_id)
+    if cfg.tune.variants:  # an ablation compares variants; it registers none of them
+        summary["ablation"] = ablation_table(summary["trials"])
+        log_ablation(client(uri), parent_id, summary["ablation"])
+    elif best is not None and best.metrics and best.metrics.get("checkpoint_path"):
+        summary["best"] = register_best(cfg, best, uri, parent_id, prepared)
     client(uri).set_terminated(parent_id, status="FINISHED")
     return summary
+
+
+def ablation_table(trials: list[dict]) -> list[dict]:
+    """Per variant, over its seeds: the mean and sample standard deviation of the final val mIoU,
+    the mean seconds per iteration and the largest peak memory; in VARIANTS' order."""
+    import statistics
+
+    rows = []
+    for variant in [v for v in VARIANTS if any(t["params"].get("variant") == v for t in trials)]:
+        runs = [t for t in trials if t["params"].get("variant") == variant and t["val_miou"] is not None]
+        mious = [t["val_miou"] for t in runs]
+        times = [t["step_time_s"] for t in runs if t.get("step_time_s") is not None]
+        memory = [t["peak_memory_gb"] for t in runs if t.get("peak_memory_gb") is not None]
+        rows.append({"variant": variant, "seeds": sorted(int(t["params"]["seed"]) for t in runs),
+                     "miou_mean": statistics.fmean(mious) if mious else None,
+                     "miou_std": statistics.stdev(mious) if len(mious) > 1 else 0.0 if mious else None,
+                     "mious": mious, "step_time_s": statistics.fmean(times) if times else None,
+                     "peak_memory_gb": max(memory) if memory else None})
+    return rows
+
+
+def format_ablation(rows: list[dict]) -> str:
+    lines = ["| variant | seeds | val mIoU (mean ± std) | per seed | s / iteration | peak memory (GB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        miou = "-" if r["miou_mean"] is None else f"{r['miou_mean']:.3f} ± {r['miou_std']:.3f}"
+        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {miou} | "
+                     f"{', '.join(f'{m:.3f}' for m in r['mious'])} | "
+                     f"{'-' if r['step_time_s'] is None else format(r['step_time_s'], '.3f')} | "
+                     f"{'-' if r['peak_memory_gb'] is None else format(r['peak_memory_gb'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def log_ablation(c, parent_id: str, rows: list[dict]) -> None:
+    """The table on the search's parent run: ``ablation.md``, and per variant its metrics."""
+    import tempfile
+    from pathlib import Path
+
+    for r in rows:
+        for key in ("miou_mean", "miou_std", "step_time_s", "peak_memory_gb"):
+            if r[key] is not None:
+                c.log_metric(parent_id, f"ablation/{r['variant']}/{key}", float(r[key]))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "ablation.md"
+        path.write_text(format_ablation(rows) + "\n")
+        c.log_artifact(parent_id, str(path))
 
 
 def close_trial_runs(c, parent_id: str, grid) -> None:
@@ -165,32 +237,39 @@ def close_trial_runs(c, parent_id: str, grid) -> None:
         c.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
 
 
-def register_best(cfg: PipelineConfig, best, uri: str, parent_id: str) -> dict:
+def register_best(cfg: PipelineConfig, best, uri: str, parent_id: str, prepared: str) -> dict:
+    """Registers the best trial's last checkpoint; its score is the training's validation
+    (whole images, the protocol says so)."""
     import tempfile
 
-    import numpy as np
     import ray.train
 
-    from .register import register_model
+    from data_prep.shards import read_manifest, resolve
 
-    from data_prep.shards import resolve
-
+    from .evaluate import eval_precision, protocol
+    from .register import model_name_for, register_model
+    from .tracking import client
     from .train import storage_for
 
     local = tempfile.mkdtemp(prefix="ccnet-best-")
     fs, _ = resolve(storage_for(cfg))  # the trainer reports the path bare, on the search's storage
     ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(local)
-    from .tracking import client
-
     client(uri).log_metric(parent_id, "best_val_miou", best.metrics["val_miou"])
-    size = cfg.data.synthetic_size if cfg.data.source == "synthetic" else 64
-    reg = register_model(uri=uri, run_id=parent_id, checkpoint=local, model_name=cfg.tracking.model_name,
+    manifest = read_manifest(prepared)
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
+    reg = register_model(uri=uri, run_id=parent_id, checkpoint=local,
+                         model_name=cfg.tracking.model_name or model_name_for(cfg.data, manifest),
                          alias=cfg.tracking.alias, miou=best.metrics["val_miou"],
-                         input_example=np.zeros((1, size, size, 3), np.uint8))
+                         protocol=protocol(cfg, manifest, cfg.data.val_split, eval_precision(cfg, device), "whole"),
+                         classes=manifest["classes"])
     return {"params": best.config, "val_miou": best.metrics["val_miou"], **reg}
 
 
 def format_summary(summary: dict, seconds: float) -> str:
+    if summary.get("ablation") is not None:
+        return (f"\nablation finished in {seconds:.0f} s: {len(summary['trials'])} trials\n"
+                + format_ablation(summary["ablation"])
+                + f"\nMLflow parent run {summary['parent_run_id']} at {summary['uri']} (one nested run per trial)")
     lines = [f"\nsearch finished in {seconds:.0f} s: {len(summary['trials'])} trials",
              "| trial | lr | weight decay | R | OHEM | val mIoU | iterations |", "|---|---|---|---|---|---|---|"]
     for t in sorted(summary["trials"], key=lambda t: -(t["val_miou"] or -1)):

@@ -15,6 +15,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the session's Ray (``ray_cluster``: data preparation, pipeline runs,
+    faults, searches) is ``slow``, as are those marked so by hand (the cluster on one machine, the
+    long op checks): ``pytest -m "not slow"`` is the everyday lane, ``pytest`` everything."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def sample_inputs(
     shape: tuple[int, int, int, int, int],
     *,
@@ -47,10 +56,11 @@ def sample_inputs(
     return make(Cq), make(Cq), make(C)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray instance for the whole session, started as the pipeline starts it
-    (``init_ray``: dashboard on 127.0.0.1, the CCNET_* variables forwarded); yields its address.
+    """A local Ray instance per test module, started as the pipeline starts it (``init_ray``:
+    every server on 127.0.0.1, the dashboard too, the CCNET_* variables forwarded); yields its
+    address. The module's tests share it, and each module's driver connection starts fresh.
 
     4 CPUs declared on this 2-core machine: training workers and Ray Data then both get slots.
     """
@@ -59,6 +69,8 @@ def ray_cluster():
     from pipeline.config import load_config
     from pipeline.run import init_ray
 
+    if ray.is_initialized():  # a module that started Ray outside this fixture
+        ray.shutdown()
     init_ray(load_config(None, ["num_cpus=4"]))
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -55,7 +55,7 @@ def steps(client, run_id: str, key: str) -> list[int]:
 
 
 def parent_run_id(out: str) -> str:
-    return re.search(r"MLflow run (\w+) at", out).group(1)
+    return re.search(r"MLflow: training run (\w+),", out).group(1)
 
 
 FIRST = ["train.iterations=20", "train.seed=1"]
@@ -185,7 +185,7 @@ def test_training_survives_a_lost_worker_node(cluster):
                 return None
             kept = json.loads(snapshot)["latest_checkpoint_result"]["metrics"]["iteration"]
             runs = client.search_runs([client.get_experiment_by_name("ccnet").experiment_id],
-                                      f"tags.`{RUN_KEY_TAG}` = '{step_keys(cfg)['register']}'")
+                                      f"tags.`{RUN_KEY_TAG}` = '{step_keys(cfg)['train']}'")
             loss = steps(client, runs[0].info.run_id, "loss") if runs else []
             return (runs[0].info.run_id, kept) if loss and loss[-1] > kept else None
 

@@ -190,3 +190,41 @@ def test_flop_count_of_the_attention_module():
             assert flops == convs + attention
         else:  # the einsum form also scores the masked centre slot of the column: one more slot
             assert flops == convs + attention + 2 * H * W * (C // 8 + C)
+
+
+def test_attention_maps_match_the_op_with_one_hot_values():
+    """``attention_maps``: after pass 1, the op's own weights for the pixel (read out by
+    aggregating one-hot values, one channel per pixel); after pass 2, the product of the two
+    passes' dense weight matrices. Each map sums to 1."""
+    import ops.reference as ref
+    from ccnet import attention_maps
+
+    torch.manual_seed(0)
+    model = build_ccnet(5, backbone="tiny", recurrence=2).eval()
+    for m in model.head.attention:
+        m.gamma.data.fill_(0.7)  # pass 2 sees a different input than pass 1
+    images = torch.randn(2, 3, 64, 80)
+    inputs = []
+    hook = model.head.attention[0].register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    model(images)
+    hook.remove()
+    module = model.head.attention[0]
+    _, _, H, W = inputs[0].shape
+    onehot = torch.eye(H * W, dtype=torch.float64).view(H * W, H, W).expand(2, -1, -1, -1)
+
+    def dense(x):  # (N, HW, HW): row p holds pixel p's weights over every pixel u
+        with torch.no_grad():
+            out = ref.criss_cross_attention(module.query(x).double(), module.key(x).double(), onehot)
+        return out.reshape(2, H * W, H * W).transpose(1, 2)
+
+    a1, a2 = dense(inputs[0]), dense(inputs[1])
+    y, x = 3, 5
+    maps = attention_maps(model, images, (y, x))
+    assert len(maps) == 2 and maps[0].shape == (2, H, W)
+    p = y * W + x
+    torch.testing.assert_close(maps[0].double().reshape(2, -1), a1[:, p], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps[1].double().reshape(2, -1), torch.bmm(a2, a1)[:, p], rtol=1e-5, atol=1e-6)
+    for m in maps:
+        torch.testing.assert_close(m.sum((1, 2)), torch.ones(2))
+    assert (maps[0].reshape(2, H, W)[:, y + 1:, :x] == 0).all()  # off the cross after one pass
+    assert (maps[1] > 0).all()  # the whole image after two

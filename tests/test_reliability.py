@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,18 +71,19 @@ def config(workdir: Path, overrides: list[str]):
 
 
 def mlflow_run(workdir: Path, overrides: list[str]):
-    """(client, parent run id) of the pipeline run with these overrides."""
+    """(client, training run id) of the pipeline run with these overrides (its first attempt)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.dag import step_keys
-    from pipeline.tracking import RUN_KEY_TAG
+    from pipeline.tracking import ATTEMPT_TAG, RUN_KEY_TAG
 
     cfg = config(workdir, overrides)
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return client, None
-    found = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{step_keys(cfg)['register']}'")
+    found = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{step_keys(cfg)['train']}' "
+                               f"and tags.`{ATTEMPT_TAG}` = '0'")
     return client, (found[0].info.run_id if found else None)
 
 
@@ -202,13 +204,17 @@ def test_rerun_after_a_killed_driver_resumes_training(ray_cluster, workdir):
     assert "[prepare] complete, skipped" in out and "[train] running" in out, out[-4000:]
     resumed = int(re.search(r"resumed from the checkpoint of iteration (\d+)", out).group(1))
     assert resumed >= kept_at and resumed % 40 == 0, (resumed, kept_at)
-    assert "prepare: skipped (complete)" in out and "train: ran" in out
+    assert "prepare: skipped (complete)" in out
+    assert "Reporting training result" not in out  # Ray Train's per-report lines stay off the console
+    assert f"train: resumed from the checkpoint of iteration {resumed} to 120 (attempt 0" in out
     client, same_run = mlflow_run(workdir, DRIVER_LOSS)
     assert same_run == run_id  # the same MLflow run goes on
     assert steps(client, run_id, "num_workers") == [0, resumed]
     assert steps(client, run_id, "loss")[:len(logged_before)] == logged_before
     assert_steps_once(client, run_id, 120, 40)
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["command"] == shlex.join(["python", "-m", "pipeline.run", *cmd[3:]])
 
 
 # --- 3. a loss that is not finite ------------------------------------------------------------
@@ -272,6 +278,42 @@ def test_changed_shard_is_refused_before_training(ray_cluster, tmp_path):
 
 
 # --- 5. a checkpoint that would run code -----------------------------------------------------------
+
+def test_checkpoint_sidecar_catches_truncation_and_corruption(tmp_path):
+    """``verify`` against the size and sha256 written beside the checkpoint; for_serving drops
+    the optimizer and scheduler state."""
+    import json
+
+    from pipeline.checkpoint import DamagedCheckpoint, for_serving, load_checkpoint, save_checkpoint, verify
+    from pipeline.config import load_config
+
+    cfg = load_config(None)
+    model = torch.nn.Conv2d(3, 4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 3, 2, 2)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, cfg=cfg, classes=["a", "b"], model=model, optimizer=optimizer, iteration=7)
+    meta = verify(str(tmp_path))
+    assert meta["iteration"] == 7 and meta["bytes"] == path.stat().st_size
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit, same size
+    with pytest.raises(DamagedCheckpoint, match="corrupted"):
+        verify(str(tmp_path))
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedCheckpoint, match="truncated"):
+        verify(str(tmp_path))
+    path.write_bytes(data)
+    (tmp_path / "checkpoint.json").unlink()
+    with pytest.raises(DamagedCheckpoint, match="missing or unreadable"):
+        verify(str(tmp_path))
+
+    (tmp_path / "served").mkdir()
+    served = load_checkpoint(for_serving(path, tmp_path / "served"))
+    assert served["optimizer"] is None and served["scheduler"] is None
+    assert torch.equal(served["model"]["weight"], model.weight.detach())
+    assert load_checkpoint(path)["optimizer"]["state"]  # the training checkpoint keeps it
+    assert json.loads((tmp_path / "served" / "checkpoint.json").read_text())["iteration"] == 7
+
 
 class _Payload:
     def __init__(self, marker: Path):
@@ -343,8 +385,9 @@ def test_dashboard_listens_on_loopback_only(ray_cluster):
 
 
 def test_documented_servers_bind_to_loopback():
-    """Every MLflow server or UI and every Ray head the project documents or starts for one machine
-    binds to 127.0.0.1; on the cluster, MLflow binds to the private IP and nothing to 0.0.0.0."""
+    """The commands the project documents or prints: every MLflow server or UI for one machine
+    binds to 127.0.0.1, every Ray head's dashboard too; on the cluster, MLflow binds to the
+    private IP and nothing to 0.0.0.0 (what actually listens: the psutil test below)."""
     texts = {p: p.read_text() for p in [ROOT / "README.md", ROOT / "cluster.yaml", *SOURCES]}
     found = 0
     for path, text in texts.items():
@@ -363,3 +406,51 @@ def test_documented_servers_bind_to_loopback():
         src = path.read_text()
         for m in re.finditer(r"include_dashboard[\"']?[=:] ?(\w+)", src):
             assert m.group(1) == "False" or '"dashboard_host": "127.0.0.1"' in src, path
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_local_run_listens_on_loopback_only(tmp_path):
+    """A local ``python -m pipeline.run``, its own Ray started as on a laptop: every socket that
+    its processes listen on (the driver, GCS, raylet, object manager, dashboard and its agents,
+    the runtime-env agent, every worker), sampled through the run, is on the loopback interface."""
+    import psutil
+
+    log = tmp_path / "local.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *tiny_overrides(tmp_path), "train.iterations=10",
+                             "train.val_every=10", "num_cpus=2"], cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env)
+    STARTED.append(proc)
+    seen: dict[tuple[str, str, int], int] = {}
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        for p in tree:
+            try:
+                name, sockets = p.name(), p.net_connections(kind="inet")
+                if name.startswith("python"):  # the driver, the dashboard: by their script
+                    name = "python:" + " ".join(Path(a).name for a in p.cmdline()[1:3])
+            except psutil.Error:  # a process that ended between the listing and the look
+                continue
+            for c in sockets:
+                if c.status == psutil.CONN_LISTEN:
+                    seen[(name, c.laddr.ip, c.laddr.port)] = p.pid
+        time.sleep(0.3)
+    proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), sorted(seen)
+    assert any("dashboard.py" in name for name, _, _ in seen), sorted(seen)
+    exposed = sorted(s for s in seen if s[1] not in LOOPBACK)
+    # the one exception (README, "Network exposure"): PyTorch's TCPStore, the DDP rendezvous, on
+    # rank 0's training worker; PyTorch binds it to every interface
+    store = {port for name, _, port in exposed if name.startswith("ray::RayTrainWorker")}
+    assert len(store) <= 1 and all(name.startswith("ray::RayTrainWorker") for name, _, _ in exposed), \
+        f"listening beyond loopback: {exposed}"
+    assert len({s for s in seen if s[1] in LOOPBACK}) >= 6  # the rest, on loopback

@@ -55,7 +55,8 @@ print("SUMMARY " + json.dumps({**summary, "cpus_before": before, "cpus_after": r
 
 
 def test_small_search_with_asha(ray_cluster, tmp_path):
-    """4 tiny trials: ASHA stops some early; every trial is in MLflow; resources return.
+    """4 tiny trials: ASHA stops some early; every trial is in MLflow; resources return. 35
+    iterations, validated every 10: the trials that ASHA keeps report their final result (35).
 
     One trial at a time, so ASHA sees the trials in the same order on every run (with several at
     once, which trial reaches a rung first depends on timing). The search runs in a driver of its
@@ -63,7 +64,7 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
     overrides = tiny_overrides(tmp_path) + [
-        "train.iterations=40", "train.val_every=10", "tune.num_samples=4", "tune.max_concurrent=1",
+        "train.iterations=35", "train.val_every=10", "tune.num_samples=4", "tune.max_concurrent=1",
         "tune.lr_min=1e-6", "tune.lr_max=0.1", "tune.recurrence=[2]",  # lr from useless to brisk: trials differ
         "tune.grace_period=1", "tune.reduction_factor=2", "tracking.model_name=ccnet_tuned",
         f"ray_address={ray_cluster}"]
@@ -74,7 +75,7 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["error"] is None for t in trials)
     iterations = sorted(t["iteration"] for t in trials)
-    assert iterations[-1] == 40 and iterations[0] < 40, iterations  # ASHA stopped at least one early
+    assert iterations[-1] == 35 and iterations[0] < 35, iterations  # ASHA stopped at least one early
     client = MlflowClient(summary["uri"])
     parent = client.get_run(summary["parent_run_id"])
     nested = client.search_runs([parent.info.experiment_id],
@@ -138,3 +139,30 @@ def test_interrupted_search_resumes(ray_cluster, tmp_path):
         assert finished[tid].data.metrics["val_miou"] == before[tid].data.metrics["val_miou"]
         assert len(client.get_metric_history(finished[tid].info.run_id, "num_workers")) == 1
     assert client.get_registered_model("ccnet_resumed") is not None
+
+
+def test_ablation_grid_and_table():
+    """``--config ablation``: every variant with every seed, each one's config as it says; the
+    table's mean and spread are those of the trials' final mIoU."""
+    import statistics
+
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipeline.config import load_config
+    from pipeline.tune import ablation_table, apply, format_ablation, search_space
+
+    cfg = load_config("ablation")
+    points = [spec for _, spec in generate_variants(search_space(cfg))]
+    assert len(points) == 12 and {(p["variant"], p["seed"]) for p in points} == {
+        (v, s) for v in ("r0", "r1", "r2", "non_local") for s in (0, 1, 2)}
+    trial = apply(cfg, {"variant": "non_local", "seed": 2})
+    assert (trial.model.attention, trial.model.recurrence, trial.train.seed) == ("non_local", 1, 2)
+    assert apply(cfg, {"variant": "r0", "seed": 1}).model.recurrence == 0
+    trials = [{"params": {"variant": v, "seed": s}, "val_miou": m, "step_time_s": 0.1 * (i + 1), "peak_memory_gb": 1.0}
+              for i, (v, s, m) in enumerate([("r2", 0, 0.88), ("r2", 1, 0.73), ("r2", 2, 0.80), ("r0", 0, 0.45)])]
+    rows = {r["variant"]: r for r in ablation_table(trials)}
+    assert [r["variant"] for r in ablation_table(trials)] == ["r0", "r2"]  # the paper's order
+    assert abs(rows["r2"]["miou_mean"] - statistics.fmean([0.88, 0.73, 0.80])) < 1e-12
+    assert abs(rows["r2"]["miou_std"] - statistics.stdev([0.88, 0.73, 0.80])) < 1e-12
+    assert rows["r0"]["miou_std"] == 0.0 and rows["r2"]["seeds"] == [0, 1, 2]
+    assert "| r2 | 0,1,2 | 0.803 ± 0.075 |" in format_ablation(list(rows.values()))
