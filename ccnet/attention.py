@@ -38,20 +38,29 @@ class CrissCrossAttention(nn.Module):
         return self.gamma * out + x
 
 
+def pass_weights(q: Tensor, k: Tensor) -> Tensor:
+    """(N, H + W - 1, H, W) in float32: every pixel's softmax over its row and column, in the
+    op's slot layout (``ops.reference``: the row first, then the column without the pixel)."""
+    from ops import reference
+
+    return torch.softmax(reference.energy(q.float(), k.float()), dim=1)
+
+
+def _cross(weights: Tensor, y: int, x: int) -> Tensor:
+    """(N, H, W): pixel (y, x)'s slot weights put back on its row and column; zero elsewhere."""
+    from ops.reference import column_pixels
+
+    N, _, H, W = weights.shape
+    out = weights.new_zeros(N, H, W)
+    out[:, y, :] = weights[:, :W, y, x]
+    out[:, column_pixels(H, weights.device)[y], x] = weights[:, W:, y, x]
+    return out
+
+
 def pixel_attention(q: Tensor, k: Tensor, y: int, x: int) -> Tensor:
     """(N, H, W): the weights with which pixel (y, x) gathers its row and column in one pass (the
     softmax over the H + W - 1 slots, the pixel itself once, in float32); zero off its cross."""
-    q, k = q.float(), k.float()
-    N, _, H, W = q.shape
-    query = q[:, :, y, x]  # (N, C')
-    row = torch.einsum("nc,ncw->nw", query, k[:, :, y, :])  # (N, W): (y, 0..W-1)
-    col = torch.einsum("nc,nch->nh", query, k[:, :, :, x])  # (N, H): (0..H-1, x)
-    col[:, y] = float("-inf")  # the pixel itself is counted once, in its row
-    weights = torch.softmax(torch.cat([row, col], dim=1), dim=1)
-    out = torch.zeros(N, H, W, dtype=torch.float32, device=q.device)
-    out[:, y, :] = weights[:, :W]
-    out[:, :, x] += weights[:, W:]
-    return out
+    return _cross(pass_weights(q, k), y, x)
 
 
 @torch.no_grad()
@@ -83,19 +92,19 @@ def attention_maps(model: nn.Module, images: Tensor, pixel: tuple[int, int], *,
         pixel = (pixel[0] * H // images.shape[2], pixel[1] * W // images.shape[3])
     if not (0 <= pixel[0] < H and 0 <= pixel[1] < W):
         raise ValueError(f"pixel {pixel} is outside the {H}x{W} feature map")
-    qk = [(module.query(x), module.key(x)) for module, x in inputs]
-    return [_composed(qk[: r + 1], pixel) for r in range(len(qk))]
+    weights = [pass_weights(module.query(x), module.key(x)) for module, x in inputs]  # once per pass
+    return [_composed(weights[: r + 1], pixel) for r in range(len(weights))]
 
 
-def _composed(qk: list[tuple[Tensor, Tensor]], pixel: tuple[int, int]) -> Tensor:
-    """The map of ``pixel`` after len(qk) passes: its own weights over its cross, each spread
+def _composed(weights: list[Tensor], pixel: tuple[int, int]) -> Tensor:
+    """The map of ``pixel`` after len(weights) passes: its own weights over its cross, each spread
     by that cross pixel's map after the passes before (recursive: (H + W - 1) ** (R - 1) maps)."""
-    own = pixel_attention(*qk[-1], *pixel)
-    if len(qk) == 1:
+    own = _cross(weights[-1], *pixel)
+    if len(weights) == 1:
         return own
     N, H, W = own.shape
     out = torch.zeros_like(own)
     y0, x0 = pixel
     for yy, xx in [(y0, c) for c in range(W)] + [(c, x0) for c in range(H) if c != y0]:
-        out += own[:, yy, xx].view(N, 1, 1) * _composed(qk[:-1], (yy, xx))
+        out += own[:, yy, xx].view(N, 1, 1) * _composed(weights[:-1], (yy, xx))
     return out

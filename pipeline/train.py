@@ -451,14 +451,11 @@ def best_and_latest(result):
     on whatever storage the run used."""
     from .checkpoint import DamagedCheckpoint, verify
 
-    intact = []
-    for checkpoint, metrics in result.best_checkpoints:
+    # by score, the first that verifies: one checkpoint read in the usual case
+    for checkpoint, metrics in sorted(result.best_checkpoints, key=lambda cm: -cm[1].get("val_miou", -1.0)):
         try:
             verify(checkpoint.path, checkpoint.filesystem)
-            intact.append((checkpoint, metrics))
+            return checkpoint, result.checkpoint, dict(metrics)
         except DamagedCheckpoint as exc:  # kept by Ray with its score, but not a model to ship
             print(f"[train] {exc}: not a candidate for the final checkpoint", flush=True)
-    if not intact:
-        raise DamagedCheckpoint(f"none of the run's checkpoints is intact ({len(result.best_checkpoints)} kept)")
-    best = max(intact, key=lambda cm: cm[1].get("val_miou", -1.0))
-    return best[0], result.checkpoint, dict(best[1])
+    raise DamagedCheckpoint(f"none of the run's checkpoints is intact ({len(result.best_checkpoints)} kept)")
