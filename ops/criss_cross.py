@@ -8,7 +8,9 @@ Huang et al., "CCNet: Criss-Cross Attention for Semantic Segmentation" (ICCV 201
 
 The three registered ops (``torch.ops.ccnet_ops.cc_energy``, ``cc_aggregate``, ``cc_scatter``)
 are closed under differentiation, so every backward below is built from registered ops and
-``torch.compile`` traces through forward and backward alike.
+``torch.compile`` traces through forward and backward alike. On CUDA the same maths runs as one
+op each way (``cc_attention``: energies, softmax and aggregation; ``cc_attention_backward``),
+with the primitives behind a backward that must itself be differentiable.
 
 Implementations: ``"compiled"`` (the default; the C++/CUDA kernels, built on first use) and
 ``"reference"`` (pure PyTorch, ``ops.reference``). Choose with ``set_implementation``,
@@ -189,6 +191,8 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, implementation: st
     check_inputs(q, k, v)
     name = _validate(implementation) if implementation is not None else get_implementation()
     if name == "compiled" and _compiled_serves(q.device):
+        if q.device.type == "cuda":  # one op each way: energies, softmax and aggregation fused
+            return torch.ops.ccnet_ops.cc_attention(q, k, v)[0]
         energy = torch.ops.ccnet_ops.cc_energy(q, k)  # (N, H + W - 1, H, W)
         return torch.ops.ccnet_ops.cc_aggregate(softmax_slots(energy, v.dtype), v)
     return reference.criss_cross_attention(q, k, v)
@@ -239,18 +243,50 @@ def _scatter_backward(ctx, grad: Tensor):
     return dattn, dg
 
 
+# out, attn = attention(q, k, v) (CUDA): the same maths as aggregate(softmax(energy(q, k)), v);
+# its backward is one op too, unless the backward must itself be differentiable (create_graph),
+# where it is taken through the three primitives instead.
+
+
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor):
+    check_energy_args(q, k)
+    N, _, H, W = q.shape
+    return v.new_empty(v.shape), q.new_empty((N, H + W - 1, H, W))
+
+
+def _attention_backward_fake(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_backward(ctx, grad: Tensor, _grad_attn: Tensor | None):
+    q, k, v, attn = ctx.saved_tensors
+    lib = torch.ops.ccnet_ops
+    if torch.is_grad_enabled():  # create_graph: differentiate the primitives' composition
+        with torch.enable_grad():
+            out = lib.cc_aggregate(softmax_slots(lib.cc_energy(q, k), v.dtype), v)
+            return torch.autograd.grad(out, (q, k, v), grad, create_graph=True, allow_unused=True)
+    return lib.cc_attention_backward(grad, q, k, v, attn)
+
+
 def _register_python_side() -> None:
     """Fake kernels and autograd; runs once, right after the library is loaded."""
-    for op, fake, backward in (
-        ("cc_energy", _energy_fake, _energy_backward),
-        ("cc_aggregate", _mix_fake, _aggregate_backward),
-        ("cc_scatter", _mix_fake, _scatter_backward),
+    for op, fake, backward, setup in (
+        ("cc_energy", _energy_fake, _energy_backward, _save_inputs),
+        ("cc_aggregate", _mix_fake, _aggregate_backward, _save_inputs),
+        ("cc_scatter", _mix_fake, _scatter_backward, _save_inputs),
+        ("cc_attention", _attention_fake, _attention_backward, _attention_setup),
     ):
         name = f"{extension.LIBRARY}::{op}"
         torch.library.register_fake(name)(fake)
-        torch.library.register_autograd(name, backward, setup_context=_save_inputs)
+        torch.library.register_autograd(name, backward, setup_context=setup)
         for device_type in ("cpu", "cuda"):
             _register_autocast(op, device_type)
+    torch.library.register_fake(f"{extension.LIBRARY}::cc_attention_backward")(_attention_backward_fake)
     _register_flop_formulas()
 
 
@@ -294,3 +330,13 @@ def _register_flop_formulas() -> None:
     def _mix_flops(w_shape, f_shape, *args, **kwargs) -> int:
         N, L, H, W = w_shape
         return 2 * N * f_shape[1] * H * W * L
+
+    @register_flop_formula(lib.cc_attention)
+    def _attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:  # energy + aggregate
+        N, Cq, H, W = q_shape
+        return 2 * N * (Cq + v_shape[1]) * H * W * (H + W - 1)
+
+    @register_flop_formula(lib.cc_attention_backward)
+    def _attention_backward_flops(g_shape, q_shape, *args, **kwargs) -> int:  # dattn, dv, dq, dk
+        N, Cq, H, W = q_shape
+        return 2 * N * (2 * g_shape[1] + 2 * Cq) * H * W * (H + W - 1)

@@ -10,13 +10,29 @@ import torch
 from torch import Tensor
 
 
+def _autocast_device_types() -> frozenset[str]:
+    found = set()
+    for name in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "privateuseone"):
+        try:
+            if torch.amp.is_autocast_available(name):
+                found.add(name)
+        except RuntimeError:  # a device type this build does not know
+            pass
+    return frozenset(found)
+
+
+# Read once at import: torch.compile (dynamo) cannot trace torch.amp.is_autocast_available in
+# every PyTorch release (2.11 graph-breaks on it), while a set lookup traces everywhere.
+AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Under ``torch.autocast`` for the inputs' device: float32/16/bf16 inputs cast to the autocast dtype."""
     first = tensors[0]
     if not isinstance(first, Tensor):
         return tensors
     device_type = first.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if castable(t) else t for t in tensors)

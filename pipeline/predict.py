@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, select_attention
-from .evaluate import inference_config, overlay, same_size_batches
-from .serving import inference_device, predict_labels
+from .evaluate import inference_config, inference_device, overlay, predict_labels, same_size_batches
 from .tracking import default_tracking_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}

@@ -20,7 +20,9 @@ import math
 import sys
 import time
 
-from .config import PipelineConfig, from_dict, load_for_cli, presets, to_dict
+from .config import ConfigError, PipelineConfig, from_dict, load_for_cli, presets, to_dict
+
+TRIAL_CPUS = 0.1  # a trial's own reservation: it only waits on its trainer, which asks for its workers
 
 # the ablation's variants (``tune.variants``): the head's attention and its recurrence
 VARIANTS = {"r0": {"recurrence": 0, "attention": "cca"}, "r1": {"recurrence": 1, "attention": "cca"},
@@ -91,22 +93,31 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
         raise result.error
 
 
-def concurrency(cfg: PipelineConfig) -> int:
+def concurrency(cfg: PipelineConfig, total: dict[str, float] | None = None) -> int:
     """Trials at once: ``tune.max_concurrent``; unset, every trial when joining a cluster (each
     trial's trainer asks for its workers' placement group, the demand an autoscaler answers with
     nodes, whatever the cluster holds at the start), and what fits on a local Ray's fixed CPUs
-    (GPUs), leaving a CPU per trial to Ray Data."""
+    (GPUs), leaving a whole CPU per trial to Ray Data; a local Ray too small for one trial is an
+    error that says so (a trial that cannot get its data would wait forever)."""
     import ray
 
+    if cfg.ray_address:
+        return cfg.tune.max_concurrent or cfg.tune.num_samples
+    total = ray.cluster_resources() if total is None else total  # the local Ray's logical resources
+    s = cfg.scaling
+    trial = s.num_workers * s.cpus_per_worker + TRIAL_CPUS + 1  # workers, the trial itself, Ray Data
+    if total.get("CPU", 0) < trial:
+        # Ray Data needs a whole free CPU beside a trial's reservations, or the trial's fit waits forever
+        raise ConfigError(
+            f"a trial needs {trial:g} CPUs on this local Ray ({s.num_workers} workers x {s.cpus_per_worker:g}, "
+            f"{TRIAL_CPUS:g} for the trial itself and 1 for Ray Data), which has {total.get('CPU', 0):g}: set "
+            f"num_cpus={math.ceil(trial)} (Ray's logical CPUs may exceed the cores), or lower "
+            "scaling.num_workers or scaling.cpus_per_worker")
     if cfg.tune.max_concurrent:
         return cfg.tune.max_concurrent
-    if cfg.ray_address:
-        return cfg.tune.num_samples
-    total = ray.cluster_resources()
-    s = cfg.scaling
     if s.use_gpu:
         return max(1, int(total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    return max(1, int(total.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + 1)))
+    return max(1, int(total.get("CPU", 1) // trial))
 
 
 def validations(cfg: PipelineConfig) -> int:
@@ -132,19 +143,20 @@ def search(cfg: PipelineConfig) -> dict:
     cfg = absolute_run_dir(cfg)
     uri, key = tracking_uri(cfg), step_keys(cfg)["tune"]
     preflight(cfg, uri)
+    n = concurrency(cfg)  # a local Ray too small for one trial stops here, before any run is opened
     parent_id = parent_run(cfg, uri, key)
     client(uri).set_tag(parent_id, "pipeline.kind", "tune")
     prepared = run_dag(cfg, {"uri": uri, "run_id": parent_id}, only="prepare")["prepare"]["prepared"]
     storage, name = storage_for(cfg), f"tune-{key}"
     trainable = tune.with_parameters(trial, base=to_dict(cfg), prepared=prepared, manifest=load_manifest(prepared),
                                      uri=uri, parent_id=parent_id, storage=storage)
-    trainable = tune.with_resources(trainable, {"CPU": 0.1})  # it waits on its trainer, which asks for its own
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
     path = join(storage, name)
     if tune.Tuner.can_restore(path):
         print(f"[tune] resuming the search in {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        t, n = cfg.tune, concurrency(cfg)
+        t = cfg.tune
         # the ablation trains every trial to the end (no early stopping), once per grid point
         scheduler = None if t.variants else ASHAScheduler(time_attr="training_iteration", max_t=validations(cfg),
                                                           grace_period=t.grace_period,
@@ -294,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     start = time.time()
-    print(format_summary(search(cfg), time.time() - start))
+    try:
+        summary = search(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary, time.time() - start))
     return 0
 
 

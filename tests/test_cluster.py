@@ -120,8 +120,7 @@ import mlflow, numpy as np
 from data_prep.loader import eval_dataset
 from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.evaluate import inference_config
-from pipeline.serving import predict_labels
+from pipeline.evaluate import inference_config, predict_labels
 
 checkpoint, shards = sys.argv[1], sys.argv[2]
 row = next(iter(eval_dataset(shards, "val").iter_rows()))

@@ -1,16 +1,19 @@
-"""The CUDA kernels, run on the host: correct on a machine without a GPU.
+"""The CUDA path, run on the host: correct on a machine without a GPU.
 
-``ops/csrc/cuda/cc_kernels.cuh`` is compiled twice: by nvcc into the CUDA op, and by the host
-compiler with a shim for the CUDA built-ins into ``torch.ops.ccnet_ops_emu`` (``ops.emulation``),
-which runs every thread of the same launch, kThreads per block on num_blocks blocks, one after
-another. So these tests run the kernel bodies and host wrappers the GPU runs, and prove that:
+``ops/csrc/cuda/cc_kernels.cuh`` (with ``cc_gemm.h``) is compiled twice: by nvcc into the CUDA op,
+and by the host compiler with a shim for the CUDA built-ins into ``torch.ops.ccnet_ops_emu``
+(``ops.emulation``), which runs every thread of the same launch, kThreads per block on
+num_blocks blocks, one after another, and runs every GEMM plan (the arguments the CUDA build
+passes to cublasGemmStridedBatchedEx: ops, sizes, leading dimensions, batch strides) with
+cuBLAS's column-major semantics. So these tests run the layout kernels, the GEMM planning and the
+host wrappers the GPU runs (cuBLAS itself excepted), and prove that:
 
 * energy, aggregate and scatter (the adjoint of aggregate in the value, checked against
   autograd of the reference) match ``ops.reference`` in float64, float32, float16 and bfloat16,
   the reduced precisions against float64 maths on the same rounded inputs;
 * over launch configurations that reach the edges: the grid capped at 1, 2 or 3 blocks so each
-  thread runs its grid-stride loop many times, item counts not a multiple of the block, partial
-  slot and channel groups, H = 1, W = 1, H != W, and non-contiguous inputs;
+  thread runs its grid-stride loop many times, item counts not a multiple of the block, H = 1
+  (no column slots), W = 1, 1 x 1, H != W, and non-contiguous inputs;
 * every output element is written (outputs are allocated NaN-filled), the result does not depend
   on the grid, and the reduced precisions accumulate in float32;
 * the wrappers reject bad arguments with an error that names the op, and a failed build of the
@@ -39,7 +42,8 @@ TOLERANCE = {
     torch.bfloat16: (5e-2, 5e-2),
 }
 REAL_CAP = 1 << 20  # kMaxBlocks: the grid cap of the CUDA build
-THREADS, GROUP = 256, 8  # kThreads and kGroup of cc_kernels.cuh (checked below)
+THREADS = 256  # kThreads of cc_kernels.cuh (checked below)
+KERNELS = ["pack", "unpack", "combine", "softmax"]  # the layout kernels, and the fused op's softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +63,15 @@ class Case:
 
 
 CASES = [
-    # L = 15 slots and C = 19 channels: both end in a partial group; 252 and 378 items
-    Case("real grid, partial groups", 2, 19, 7, 9, REAL_CAP),
+    Case("real grid", 2, 19, 7, 9, REAL_CAP),
     Case("one block, H == W", 2, 19, 9, 9, 1),
     Case("two blocks, H > W", 2, 19, 9, 5, 2),
     Case("H = 1", 2, 5, 1, 9, REAL_CAP),
     Case("W = 1", 2, 3, 9, 1, 1),
     Case("1 x 1 map", 1, 1, 1, 1, 1),
-    Case("full groups", 1, 16, 4, 5, 3),  # L = 8 = kGroup, C = 2 kGroup
-    Case("items a multiple of the block", 1, 8, 16, 16, 3),  # 1024 (energy) and 256 items
-    Case("many items per thread", 2, 40, 24, 20, 3),  # 5760 and 4800 items on 768 threads
+    Case("items a multiple of the block", 1, 4, 16, 16, 3),  # 3840 pack, 4096 unpack, 1024 combine
+    Case("many items per thread", 2, 40, 24, 20, 3),  # 22080, 23040 and 46080 items on 768 threads
+    Case("many pixels per thread", 1, 2, 8, 200, 1),  # 1600 pixels (softmax) on 256 threads
 ]
 LAYOUTS = ["transposed", "channels_last", "sliced"]
 
@@ -188,14 +191,105 @@ def test_reduced_precision_accumulates_in_float32(emu, op, dtype):
     assert (out.double() == big + 16).all(), f"{op} {dtype}: {out.unique().tolist()} != {big + 16}"
 
 
+# --- the whole attention in one op each way (cc_attention, cc_attention_backward) -------------
+
+def attention_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    """query, key (N, C, H, W) at a scale that keeps the softmax away from one-hot, value and the
+    output's gradient (N, C + 2, H, W), rounded to dtype."""
+    N, C, H, W = case.shape
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(N, C, H, W), (N, C, H, W), (N, C + 2, H, W), (N, C + 2, H, W)]
+    scale = [0.5, 0.5, 1.0, 1.0]
+    return [(s * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype) for s, shape in zip(scale, shapes)]
+
+
+def contract_expected(q, k, v, g):
+    """What the dtype contract says the fused op returns, in float64 from the rounded inputs and
+    rounded to the dtype where the contract stores: the energies, the attention map (softmax in
+    float64 here), the output; dA, dE = A (dA - sum A dA), dq, dk, dv."""
+    dtype = q.dtype
+    r = lambda t: t.to(dtype).double()  # stored in the inputs' dtype
+    q, k, v, g = (t.double() for t in (q, k, v, g))
+    attn = r(torch.softmax(r(reference.energy(q, k)), dim=1))
+    out = r(reference.aggregate(attn, v))
+    d_attn = r(reference.energy(g, v))
+    d_energy = r(attn * (d_attn - (attn * d_attn).sum(1, keepdim=True)))
+    adjoint = lambda w, f: expected("cc_scatter", w, f)
+    return attn, out, r(reference.aggregate(d_energy, k)), r(adjoint(d_energy, q)), r(adjoint(attn, g))
+
+
+def assert_within_ulps(actual: torch.Tensor, wanted: torch.Tensor, dtype: torch.dtype, what: str, ulps: float) -> None:
+    """Equal up to `ulps` units in the last place of dtype, relative to the tensor's largest value."""
+    assert actual.dtype == dtype and actual.shape == wanted.shape and actual.is_contiguous(), what
+    eps = torch.finfo(dtype).eps
+    scale = float(wanted.abs().max().clamp(min=1e-30))
+    torch.testing.assert_close(actual.double(), wanted, atol=ulps * eps * scale, rtol=ulps * eps,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_matches_the_contract(emu, dtype, case):
+    """Forward and backward in one op each: the attention map, the output and dq, dk, dv within a
+    few units in the last place of what the dtype contract prescribes (every rounding point of it
+    reproduced in float64), on every launch edge of the cases."""
+    q, k, v, g = attention_inputs(case, dtype)
+    attn_e, out_e, dq_e, dk_e, dv_e = contract_expected(q, k, v, g)
+    # float32 accumulation against float64 maths: a few float32 ulps on top of the dtype's rounding
+    ulps = 8 if dtype in (torch.float16, torch.bfloat16) else 64
+    with nan_filled_allocations():
+        out, attn = emu.cc_attention(q, k, v, case.max_blocks)
+        dq, dk, dv = emu.cc_attention_backward(g, q, k, v, attn, case.max_blocks)
+    for name, t in (("attn", attn), ("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not t.isnan().any(), f"{name}: {int(t.isnan().sum())} elements no thread wrote"
+    for name, a, e in (("attn", attn, attn_e), ("out", out, out_e), ("dq", dq, dq_e), ("dk", dk, dk_e),
+                       ("dv", dv, dv_e)):
+        assert_within_ulps(a, e, dtype, name, ulps)
+
+
+def test_attention_matches_the_reference_and_autograd(emu):
+    """In float64 the fused op is the reference, forward and backward (autograd of the reference)."""
+    case = CASES[2]
+    q, k, v, g = attention_inputs(case, torch.float64, seed=3)
+    out, attn = emu.cc_attention(q, k, v, case.max_blocks)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_ref = reference.criss_cross_attention(*leaves)
+    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=1e-12)
+    for got, want in zip(emu.cc_attention_backward(g, q, k, v, attn, case.max_blocks),
+                         torch.autograd.grad(out_ref, leaves, g)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_attention_takes_non_contiguous_inputs(emu, layout):
+    case = CASES[2]
+    q, k, v, g = attention_inputs(case, torch.float64, seed=1)
+    out, attn = emu.cc_attention(*(as_layout(t, layout) for t in (q, k, v)), case.max_blocks)
+    grads = emu.cc_attention_backward(*(as_layout(t, layout) for t in (g, q, k, v, attn)), case.max_blocks)
+    out_c, attn_c = emu.cc_attention(q, k, v, case.max_blocks)
+    assert torch.equal(out, out_c) and torch.equal(attn, attn_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads, emu.cc_attention_backward(g, q, k, v, attn_c,
+                                                                                  case.max_blocks)))
+
+
+def test_attention_does_not_depend_on_the_grid(emu):
+    case = CASES[-1]
+    q, k, v, g = attention_inputs(case, torch.float32, seed=2)
+    results = []
+    for cap in (1, 2, 3, 7, REAL_CAP):
+        out, attn = emu.cc_attention(q, k, v, cap)
+        results.append([out, attn, *emu.cc_attention_backward(g, q, k, v, attn, cap)])
+    assert all(torch.equal(a, b) for r in results for a, b in zip(r, results[-1]))
+
+
 # --- the launch configurations the cases reach ------------------------------------------------
 
 def test_cases_reach_the_launch_edges(emu):
     """What the module docstring claims the cases cover, from the wrappers' own grid maths."""
-    config = {(op, c.name): emu.cc_launch_config(op, *c.shape, c.max_blocks) for op in OPS for c in CASES}
+    config = {(k, c.name): emu.cc_launch_config(k, *c.shape, c.max_blocks) for k in KERNELS for c in CASES}
     assert {threads for _, _, threads in config.values()} == {THREADS}
-    for op in OPS:
-        launches = [config[op, c.name] for c in CASES]
+    for kernel in KERNELS:
+        launches = [config[kernel, c.name] for c in CASES]
         # grid capped: blocks below what the items need, and each thread loops 5+ times
         assert any(blocks < math.ceil(items / THREADS) and items >= 5 * blocks * THREADS
                    for items, blocks, _ in launches)
@@ -203,15 +297,18 @@ def test_cases_reach_the_launch_edges(emu):
         assert any(items % THREADS == 0 and items > 0 for items, _, _ in launches)
     for c in CASES:  # the real cap never binds on these sizes: one thread per item
         if c.max_blocks == REAL_CAP:
-            items, blocks, _ = config["cc_energy", c.name]
-            assert blocks == math.ceil(items / THREADS)
-    assert any(c.C % GROUP for c in CASES) and any(c.C % GROUP == 0 for c in CASES)
-    assert any((c.H + c.W - 1) % GROUP for c in CASES) and any((c.H + c.W - 1) % GROUP == 0 for c in CASES)
+            for kernel in KERNELS:
+                items, blocks, _ = config[kernel, c.name]
+                assert blocks == math.ceil(items / THREADS)
     assert any(c.H == 1 for c in CASES) and any(c.W == 1 for c in CASES)
     assert any(c.H > c.W for c in CASES) and any(c.H < c.W for c in CASES)
-    # kGroup: slots per energy item, channels per aggregate/scatter item
-    assert emu.cc_launch_config("cc_energy", 1, 1, 4, 6, 1)[0] == 2 * 4 * 6  # L = 9: 2 groups
-    assert emu.cc_launch_config("cc_aggregate", 1, GROUP + 1, 4, 6, 1)[0] == 2 * 4 * 6
+    # one item per element written: the column slots (H - 1 per pixel), the dense column
+    # matrices (H x H per image column) and the output (padded to whole 8 x 4 tiles of x, y)
+    assert emu.cc_launch_config("pack", 2, 3, 4, 6, 1)[0] == 2 * 3 * 4 * 6
+    assert emu.cc_launch_config("unpack", 2, 3, 4, 6, 1)[0] == 2 * 6 * 4 * 4
+    assert emu.cc_launch_config("combine", 2, 3, 4, 6, 1)[0] == 2 * 3 * 4 * 8  # x padded to the 8 x 4 tile
+    assert emu.cc_launch_config("softmax", 2, 3, 4, 6, 1)[0] == 2 * 4 * 6  # one thread per pixel
+    assert emu.cc_launch_config("pack", 2, 3, 1, 6, 1)[0] == 0  # H = 1: no column slots, no launch
 
 
 # --- bad arguments ----------------------------------------------------------------------------

@@ -271,8 +271,7 @@ def _images(n: int, seed: int = 0, size=(40, 48)) -> np.ndarray:
 
 def test_batched_prediction_equals_one_at_a_time(checkpoint):
     from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.evaluate import inference_config
-    from pipeline.serving import predict_labels
+    from pipeline.evaluate import inference_config, predict_labels
 
     model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))
     images = _images(5)
@@ -320,8 +319,9 @@ def test_pyfunc_serves_on_its_device_in_batches(checkpoint, monkeypatch, device)
     """The registered model's pyfunc: CCNET_DEVICE, else CUDA when visible; eval.batch_size per
     forward; the same labels as one image at a time on the CPU."""
     from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.evaluate import inference_config
-    from pipeline.serving import CCNetPyfunc, predict_labels
+    pytest.importorskip("mlflow", reason="the pyfunc is MLflow's")
+    from pipeline.evaluate import inference_config, predict_labels
+    from pipeline.serving import CCNetPyfunc
 
     monkeypatch.setenv("CCNET_DEVICE", device)
     served = CCNetPyfunc()
@@ -355,8 +355,7 @@ def test_implementation_override_is_refused_in_training_and_allowed_in_serving(m
 @requires_cuda
 def test_predict_on_cuda_agrees_with_cpu(checkpoint):
     from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.evaluate import inference_config
-    from pipeline.serving import predict_labels
+    from pipeline.evaluate import inference_config, predict_labels
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32
     model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import tiny_overrides
@@ -139,6 +140,20 @@ def test_interrupted_search_resumes(ray_cluster, tmp_path):
         assert finished[tid].data.metrics["val_miou"] == before[tid].data.metrics["val_miou"]
         assert len(client.get_metric_history(finished[tid].info.run_id, "num_workers")) == 1
     assert client.get_registered_model("ccnet_resumed") is not None
+
+
+def test_local_search_too_small_for_a_trial_is_refused():
+    """A trial holds its workers' CPUs and 0.1 of its own, and its Ray Data needs a whole CPU beside
+    them: on 2 CPUs a 2 x 0.5-CPU trial would wait forever for its data, so the search refuses to
+    start and says what to set (the ablation preset declares 3 logical CPUs for this)."""
+    from pipeline.config import load_config
+    from pipeline.tune import concurrency
+
+    cfg = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5"])
+    with pytest.raises(ValueError, match=r"a trial needs 2.1 CPUs .* which has 2: set num_cpus=3"):
+        concurrency(cfg, {"CPU": 2.0})
+    assert concurrency(cfg, {"CPU": 3.0}) == 1 and concurrency(cfg, {"CPU": 8.0}) == 3
+    assert load_config("ablation").num_cpus == 3 and concurrency(load_config("ablation"), {"CPU": 3.0}) == 1
 
 
 def test_ablation_grid_and_table():

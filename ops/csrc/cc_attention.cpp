@@ -377,6 +377,11 @@ TORCH_LIBRARY(ccnet_ops, m) {
   m.def("cc_energy(Tensor query, Tensor key) -> Tensor");
   m.def("cc_aggregate(Tensor attn, Tensor value) -> Tensor");
   m.def("cc_scatter(Tensor attn, Tensor feature) -> Tensor");
+  // the whole attention each way, CUDA only (cuda/cc_kernels.cuh): (out, attention map) and
+  // (dq, dk, dv) from the output's gradient, the inputs and that map
+  m.def("cc_attention(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)");
+  m.def("cc_attention_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor attn) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ccnet_ops, CPU, m) {

@@ -1,23 +1,60 @@
-// The CUDA kernels of ../cc_kernels.cuh compiled as host C++ and run one thread at a time over
-// their real launch configuration (kThreads per block, num_blocks), registered as CPU ops of
-// torch.ops.ccnet_ops_emu with the grid cap as an argument. Built by ops/emulation.py for the
-// tests; never part of the real op library (ops/extension.py compiles ops/csrc/*.cpp only).
+// The CUDA path of ../cc_kernels.cuh compiled as host C++: its kernels run one thread at a time
+// over their real launch configuration (kThreads per block, num_blocks), and its GEMM plans run
+// with cuBLAS's semantics (column-major operands, op(X), leading dimensions and batch strides,
+// accumulating in float32 / float64), registered as CPU ops of torch.ops.ccnet_ops_emu with the
+// grid cap as an argument. Built by ops/emulation.py for the tests; never part of the real op
+// library (ops/extension.py compiles ops/csrc/*.cpp only).
 //
 //   cc_energy(query, key, max_blocks)            like ccnet_ops::cc_energy
 //   cc_aggregate(attention, value, max_blocks)   like ccnet_ops::cc_aggregate
 //   cc_scatter(attention, feature, max_blocks)   like ccnet_ops::cc_scatter
-//   cc_launch_config(op, N, C, H, W, max_blocks) [items, blocks, threads] that op launches
+//   cc_attention(query, key, value, max_blocks)  like ccnet_ops::cc_attention (CUDA only there)
+//   cc_attention_backward(grad, query, key, value, attention, max_blocks)
+//   cc_launch_config(kernel, N, C, H, W, max_blocks) [items, blocks, threads] of a layout kernel
+//                                                ("pack", "unpack" or "combine")
 // A small max_blocks makes every thread run its grid-stride loop many times.
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include <ATen/OpMathType.h>
+
+#include "../cc_gemm.h"
 #include "../cuda_emulation.h"
 
 #define CC_DEVICE_GUARD(device) (void)(device)  // one host "device"
 #define CC_LAUNCH(kernel, blocks, threads, ...) \
   ::ccnet_ops::emulation::launch(kernel, (blocks), (threads), __VA_ARGS__)
+
+namespace ccnet_ops {
+
+// cublasGemmStridedBatchedEx as the plan states it: C[b] = op(A[b]) op(B[b]), column-major
+// X(i, j) = X[i + j * ldx], op(X)(i, j) = X(j, i) when transposed; products summed in float32
+// (float64 for float64) and rounded once to Out.
+template <typename In, typename Out>
+void run_gemm(const GemmPlan& p, const In* a, const In* b, Out* c) {
+  using acc_t = at::opmath_type<In>;
+  for (int64_t batch = 0; batch < p.batch; ++batch) {
+    const In* A = a + batch * p.stride_a;
+    const In* B = b + batch * p.stride_b;
+    Out* C = c + batch * p.stride_c;
+    for (int64_t j = 0; j < p.n; ++j) {
+      for (int64_t i = 0; i < p.m; ++i) {
+        acc_t acc = 0;
+        for (int64_t l = 0; l < p.k; ++l) {
+          const acc_t x = static_cast<acc_t>(p.trans_a ? A[l + i * p.lda] : A[i + l * p.lda]);
+          const acc_t y = static_cast<acc_t>(p.trans_b ? B[j + l * p.ldb] : B[l + j * p.ldb]);
+          acc += x * y;
+        }
+        C[i + j * p.ldc] = static_cast<Out>(acc);
+      }
+    }
+  }
+}
+
+}  // namespace ccnet_ops
 
 #include "../cc_kernels.cuh"
 
@@ -45,13 +82,31 @@ at::Tensor scatter_emu(const at::Tensor& attn, const at::Tensor& feature, int64_
   return launch_scatter(attn, feature, max_blocks);
 }
 
-// What op launches for a feature map (N, C, H, W) (query for cc_energy, value/feature else).
-std::vector<int64_t> launch_config(const std::string& op, int64_t N, int64_t C, int64_t H, int64_t W,
+std::tuple<at::Tensor, at::Tensor> attention_emu(const at::Tensor& query, const at::Tensor& key,
+                                                 const at::Tensor& value, int64_t max_blocks) {
+  check_max_blocks(max_blocks, "cc_attention");
+  return launch_attention(query, key, value, max_blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::Tensor& grad, const at::Tensor& query,
+                                                                      const at::Tensor& key, const at::Tensor& value,
+                                                                      const at::Tensor& attn, int64_t max_blocks) {
+  check_max_blocks(max_blocks, "cc_attention_backward");
+  return launch_attention_backward(grad, query, key, value, attn, max_blocks);
+}
+
+// What a layout kernel launches for a feature map (N, C, H, W): pack_columns (cc_energy),
+// unpack_columns and combine (cc_aggregate, cc_scatter, cc_attention), softmax (cc_attention
+// and its backward).
+std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t C, int64_t H, int64_t W,
                                    int64_t max_blocks) {
   check_max_blocks(max_blocks, "cc_launch_config");
-  TORCH_CHECK_VALUE(op == "cc_energy" || op == "cc_aggregate" || op == "cc_scatter",
-                    "cc_launch_config: unknown op '", op, "'");
-  const int64_t items = op == "cc_energy" ? energy_items(N, H, W) : mix_items(N, C, H, W);
+  TORCH_CHECK_VALUE(kernel == "pack" || kernel == "unpack" || kernel == "combine" || kernel == "softmax",
+                    "cc_launch_config: unknown kernel '", kernel, "'");
+  const int64_t items = kernel == "pack"     ? pack_items(N, H, W)
+                        : kernel == "unpack" ? unpack_items(N, H, W)
+                        : kernel == "softmax" ? N * H * W  // softmax_kernel and its backward: one per pixel
+                                              : combine_items(N, C, H, W);
   return {items, num_blocks(items, max_blocks), kThreads};
 }
 
@@ -61,7 +116,10 @@ TORCH_LIBRARY(ccnet_ops_emu, m) {
   m.def("cc_energy(Tensor query, Tensor key, int max_blocks) -> Tensor");
   m.def("cc_aggregate(Tensor attention, Tensor value, int max_blocks) -> Tensor");
   m.def("cc_scatter(Tensor attention, Tensor feature, int max_blocks) -> Tensor");
-  m.def("cc_launch_config(str op, int N, int C, int H, int W, int max_blocks) -> int[]",
+  m.def("cc_attention(Tensor query, Tensor key, Tensor value, int max_blocks) -> (Tensor, Tensor)");
+  m.def("cc_attention_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor attn, "
+        "int max_blocks) -> (Tensor, Tensor, Tensor)");
+  m.def("cc_launch_config(str kernel, int N, int C, int H, int W, int max_blocks) -> int[]",
         &launch_config);
 }
 
@@ -69,6 +127,8 @@ TORCH_LIBRARY_IMPL(ccnet_ops_emu, CPU, m) {
   m.impl("cc_energy", &energy_emu);
   m.impl("cc_aggregate", &aggregate_emu);
   m.impl("cc_scatter", &scatter_emu);
+  m.impl("cc_attention", &attention_emu);
+  m.impl("cc_attention_backward", &attention_backward_emu);
 }
 
 }  // namespace ccnet_ops
