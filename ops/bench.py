@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import roofline
 from .criss_cross import criss_cross_attention, load_compiled
 
 SHAPES = {  # (N, C', C, H, W)
@@ -99,17 +100,32 @@ def measure(device: torch.device, dtype: torch.dtype, shape, repeat: int, warmup
     return row
 
 
+def roofline_floor_ms(device: str, dtype: str, shape: tuple) -> float | None:
+    """The fwd+bwd floor of ``ops.roofline`` on the visible GPU, if the model knows it."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    gpu = next((key for key in roofline.GPUS if key.split()[0] in name), None)
+    if gpu is None:
+        return None
+    tf32 = dtype == "float32" and torch.backends.cuda.matmul.allow_tf32
+    return roofline.floors(shape, dtype, tf32)[gpu] * 1e3
+
+
 def table(rows: list[tuple[str, str, str, tuple, dict]]) -> str:
     head = ("| device | dtype | shape | (N, C', C, H, W) | fwd ref ms | fwd ours ms | fwd ratio "
-            "| fwd+bwd ref ms | fwd+bwd ours ms | fwd+bwd ratio | peak MB ref | peak MB ours |")
+            "| fwd+bwd ref ms | fwd+bwd ours ms | fwd+bwd ratio | peak MB ref | peak MB ours "
+            "| fwd+bwd floor ms | ours / floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for device, dtype, name, shape, r in rows:
         f, fb = r["fwd"], r["fwd+bwd"]
         mem = r.get("peak MB", {})
+        floor = roofline_floor_ms(device, dtype, shape)
         cells = [device, dtype, name, str(shape),
                  f"{f['reference']:.2f}", f"{f['compiled']:.2f}", f"{f['reference'] / f['compiled']:.2f}x",
                  f"{fb['reference']:.2f}", f"{fb['compiled']:.2f}", f"{fb['reference'] / fb['compiled']:.2f}x",
-                 f"{mem['reference']:.0f}" if mem else "-", f"{mem['compiled']:.0f}" if mem else "-"]
+                 f"{mem['reference']:.0f}" if mem else "-", f"{mem['compiled']:.0f}" if mem else "-",
+                 f"{floor:.3f}" if floor else "-", f"{fb['compiled'] / floor:.1f}x" if floor else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -249,12 +249,17 @@ def _scatter_backward(ctx, grad: Tensor):
 
 
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor):
-    check_energy_args(q, k)
+    check_inputs(q, k, v)
     N, _, H, W = q.shape
     return v.new_empty(v.shape), q.new_empty((N, H + W - 1, H, W))
 
 
 def _attention_backward_fake(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor):
+    check_inputs(q, k, v)
+    check_aggregate_args(attn, v)
+    if grad.shape != v.shape:
+        raise ValueError(f"cc_attention_backward: grad {tuple(grad.shape)} must have the shape of value "
+                         f"{tuple(v.shape)}")
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -266,11 +271,14 @@ def _attention_setup(ctx, inputs, output) -> None:
 def _attention_backward(ctx, grad: Tensor, _grad_attn: Tensor | None):
     q, k, v, attn = ctx.saved_tensors
     lib = torch.ops.ccnet_ops
+    needed = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph: differentiate the primitives' composition
         with torch.enable_grad():
             out = lib.cc_aggregate(softmax_slots(lib.cc_energy(q, k), v.dtype), v)
-            return torch.autograd.grad(out, (q, k, v), grad, create_graph=True, allow_unused=True)
-    return lib.cc_attention_backward(grad, q, k, v, attn)
+            wanted = [t for t, need in zip((q, k, v), needed) if need]
+            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            return tuple(next(grads) if need else None for need in needed)
+    return tuple(g if need else None for g, need in zip(lib.cc_attention_backward(grad, q, k, v, attn), needed))
 
 
 def _register_python_side() -> None:

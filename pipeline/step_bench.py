@@ -11,7 +11,9 @@ What ``pipeline.bench`` measures through a whole pipeline run, reduced to the st
 machine with only PyTorch installed can measure it. The data are random images and labels of
 the training crop; the timing excludes data loading. Each round times ``--steps`` steps of one
 implementation and then of the other (after ``--warmup`` untimed steps each); the table gives
-the median over ``--rounds`` rounds. Both models start from the same weights.
+the median over ``--rounds`` rounds. Both models start from the same weights and stay on the
+device together, so each peak-memory figure includes the other model's weights and optimizer
+state: the two figures compare, their absolute values are high by that much.
 """
 
 from __future__ import annotations

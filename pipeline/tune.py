@@ -94,8 +94,8 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
 
 
 def concurrency(cfg: PipelineConfig, total: dict[str, float] | None = None) -> int:
-    """Trials at once: ``tune.max_concurrent``; unset, every trial when joining a cluster (each
-    trial's trainer asks for its workers' placement group, the demand an autoscaler answers with
+    """Trials at once: ``tune.max_concurrent`` (on a local Ray, at most what fits); unset, every
+    trial when joining a cluster (each trial's trainer asks for its workers' placement group, the demand an autoscaler answers with
     nodes, whatever the cluster holds at the start), and what fits on a local Ray's fixed CPUs
     (GPUs), leaving a whole CPU per trial to Ray Data; a local Ray too small for one trial is an
     error that says so (a trial that cannot get its data would wait forever)."""
@@ -113,11 +113,10 @@ def concurrency(cfg: PipelineConfig, total: dict[str, float] | None = None) -> i
             f"{TRIAL_CPUS:g} for the trial itself and 1 for Ray Data), which has {total.get('CPU', 0):g}: set "
             f"num_cpus={math.ceil(trial)} (Ray's logical CPUs may exceed the cores), or lower "
             "scaling.num_workers or scaling.cpus_per_worker")
-    if cfg.tune.max_concurrent:
-        return cfg.tune.max_concurrent
+    fit = max(1, math.floor(total.get("CPU", 0) / trial + 1e-9))  # trials whose data still gets a CPU
     if s.use_gpu:
-        return max(1, int(total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    return max(1, int(total.get("CPU", 1) // trial))
+        fit = min(fit, max(1, math.floor(total.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) + 1e-9)))
+    return min(cfg.tune.max_concurrent, fit) if cfg.tune.max_concurrent else fit
 
 
 def validations(cfg: PipelineConfig) -> int:

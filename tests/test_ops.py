@@ -122,7 +122,7 @@ def test_cpu_row_gemm_paths_match_reference(lib, monkeypatch, blas, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 512, 97, 97), (1, 3, 5, 1, 7)])
+@pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 512, 97, 97), (1, 3, 5, 1, 7), (2, 3, 5, 7, 1)])
 def test_compiled_matches_reference_cuda(lib, dtype, shape):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -131,6 +131,24 @@ def test_compiled_matches_reference_cuda(lib, dtype, shape):
     # the reference runs in float32 on the same (rounded) inputs: the kernels accumulate in float32
     expected = forward_and_grads("reference", q.float(), k.float(), v.float())
     assert_close_all(forward_and_grads("compiled", q, k, v), expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_reduced_precision_accumulates_in_float32(lib, dtype):
+    """big + 16 ones on a 1 x 17 map, big first in the GEMM's K loop: exact in float32, but
+    accumulated in the input dtype each `+ 1` is half an ulp of big and is lost (the emulation's
+    test, here on cuBLAS, for the energy and for the aggregation)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    big = 2 / torch.finfo(dtype).eps  # its ulp is 2
+    ones = torch.ones(1, 17, 1, 17, dtype=dtype, device="cuda")  # query, or attention of 17 slots
+    key = ones.clone()
+    key[:, 0] = big  # channel 0: the first term of every energy
+    value = torch.ones(1, 1, 1, 17, dtype=dtype, device="cuda")
+    value[..., 0] = big  # pixel 0, slot 0: the first term of every sum
+    for name, out in (("cc_energy", lib.cc_energy(ones, key)), ("cc_aggregate", lib.cc_aggregate(ones, value))):
+        assert (out.double() == big + 16).all(), f"{name} {dtype}: {out.unique().tolist()} != {big + 16}"
 
 
 @pytest.mark.gpu
@@ -548,3 +566,36 @@ def test_offsets_beyond_32_bits(lib, device):
         col = [(r, W + (y if y < r else y - 1)) for r in rows(y)]  # query row r reads key row y here
         by_col = sum(e[0, s, r, x].double().cpu() * gd[r, x] for r, s in col)
         torch.testing.assert_close(back[0, 0, y, x].double().cpu(), by_row + by_col, atol=1e-2, rtol=1e-4)
+
+
+# --- the roofline model of the CUDA path --------------------------------------------------------
+
+def test_roofline_against_hand_counts():
+    """ops.roofline's kernels, bytes and FLOPs against counts made by hand for a 1 x (1, 2) x 2 x 3
+    map in float32 and for the paper's shape in bf16, and its GEMM FLOPs against the criss-cross
+    maths: H + W products per pixel and channel (the dense column matrices keep the diagonal)."""
+    from ops import roofline
+
+    ks = {k.name: k for k in roofline.kernels(1, 1, 2, 2, 3, "float32")}  # P = 6, L = 4, dense = 12
+    assert ks["fwd transpose q"].bytes == 2 * 6 * 4
+    assert (ks["fwd energy rows GEMM"].bytes, ks["fwd energy rows GEMM"].flops) == ((6 + 6 + 18) * 4, 36)
+    assert (ks["fwd energy columns GEMM"].bytes, ks["fwd energy columns GEMM"].flops) == ((6 + 6 + 12) * 4, 24)
+    assert ks["fwd softmax"].bytes == (18 + 12 + 18 + 6 + 12) * 4  # reads rows + dense; writes all slots + dense
+    assert (ks["fwd aggregate rows GEMM"].bytes, ks["fwd aggregate rows GEMM"].flops) == ((12 + 18 + 12) * 4, 72)
+    assert ks["fwd aggregate combine"].bytes == (12 + 12 + 12) * 4
+    assert len(ks) == 9 + 17  # the launches of cc_attention and cc_attention_backward
+
+    paper = {k.name: k for k in roofline.kernels(1, 64, 512, 97, 97, "bfloat16")}
+    assert paper["fwd transpose v"].bytes == 19_269_632  # 512 x 97 x 97 x 2 bytes, read and written
+    h200 = roofline.GPUS["H200 SXM"]
+    assert roofline.floor_seconds(paper["fwd transpose v"], h200, "tensor16") == 19_269_632 / 4.8e12
+
+    for shape in [(1, 64, 512, 97, 97), (2, 3, 5, 4, 7)]:
+        N, Cq, C, H, W = shape
+        ks = roofline.kernels(*shape, "float32")
+        fwd = sum(k.flops for k in ks if k.gemm and k.name.startswith("fwd"))
+        bwd = sum(k.flops for k in ks if k.gemm and k.name.startswith("bwd"))
+        assert fwd == 2 * N * (Cq + C) * H * W * (H + W)
+        assert bwd == 2 * N * (2 * C + 2 * Cq) * H * W * (H + W)
+        total = roofline.floors(shape, "float32")["H100 SXM"]
+        assert total == sum(roofline.floor_seconds(k, roofline.GPUS["H100 SXM"], "fp32") for k in ks) > 0

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +152,9 @@ def test_local_search_too_small_for_a_trial_is_refused():
     with pytest.raises(ValueError, match=r"a trial needs 2.1 CPUs .* which has 2: set num_cpus=3"):
         concurrency(cfg, {"CPU": 2.0})
     assert concurrency(cfg, {"CPU": 3.0}) == 1 and concurrency(cfg, {"CPU": 8.0}) == 3
+    assert concurrency(cfg, {"CPU": 6.3}) == 3  # 6.3 / 2.1, not 6.3 // 2.1 == 2.0
+    # tune.max_concurrent is a ceiling, never a way past the data's CPU
+    assert concurrency(load_config(None, ["tune.max_concurrent=2"]), {"CPU": 3.0}) == 1
     assert load_config("ablation").num_cpus == 3 and concurrency(load_config("ablation"), {"CPU": 3.0}) == 1
 
 

@@ -44,11 +44,19 @@ void run_gemm(const GemmPlan& p, const In* a, const In* b, Out* c) {
   using scale_t = at::opmath_type<In>;
   const scale_t alpha = 1, beta = 0;
   const cublasComputeType_t compute = std::is_same_v<In, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
-  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
-      at::cuda::getCurrentCUDABlasHandle(), p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  // reductions (split-K) in the compute type, never in a 16-bit output type; PyTorch's mode after
+  cublasMath_t mode;
+  TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &mode));
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(
+      handle, static_cast<cublasMath_t>(mode | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  const cublasStatus_t status = cublasGemmStridedBatchedEx(
+      handle, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
       p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, int(p.m), int(p.n), int(p.k), &alpha, a, cuda_data_type<In>(),
       int(p.lda), p.stride_a, b, cuda_data_type<In>(), int(p.ldb), p.stride_b, &beta, c, cuda_data_type<Out>(),
-      int(p.ldc), p.stride_c, int(p.batch), compute, CUBLAS_GEMM_DEFAULT));
+      int(p.ldc), p.stride_c, int(p.batch), compute, CUBLAS_GEMM_DEFAULT);
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
+  TORCH_CUDABLAS_CHECK(status);
 }
 
 }  // namespace ccnet_ops

@@ -23,11 +23,15 @@
 //              columns: ST[c, x, k]    = sum_y gT[c, x, y] A[x, y, k]
 //   where A = unpack_columns(w) is the column attention as dense (H x H) matrices per image
 //   column (zero on the diagonal), and combine writes out[c, y, x] = S[c, y, x] + ST[c, x, y].
-// float32, float64, float16 and bfloat16. The GEMMs accumulate in float32 (float64 for float64):
-// the energies are stored in the inputs' dtype by the GEMM; aggregate and scatter keep both
-// partial sums in float32 and round once, in combine. float32 GEMMs follow PyTorch's TF32 switch
+// float32, float64, float16 and bfloat16. The GEMMs accumulate in float32 (float64 for float64),
+// split-K reductions included (run_gemm disallows reduced-precision reductions): the energies are
+// stored in the inputs' dtype by the GEMM; aggregate and scatter keep both partial sums in float32
+// and round once, in combine. float32 GEMMs follow PyTorch's TF32 switch
 // (torch.backends.cuda.matmul.allow_tf32, off by default: FP32 FMA). No atomics and no split
-// reductions of our own: every output element has one owner, so results are deterministic.
+// reductions of our own: every output element has one owner, so results are deterministic on a
+// given GPU model (cuBLAS's own guarantee: same architecture and SM count, PyTorch's per-stream
+// workspace). cuBLAS is called once per image for each product: 4N + 5 launches forward and
+// 8N + 9 backward for a batch of N.
 #pragma once
 
 #if !defined(CC_LAUNCH) || !defined(CC_DEVICE_GUARD)
@@ -207,7 +211,7 @@ at::Tensor mix_with(const at::Tensor& w, const at::Tensor& dense, const at::Tens
       }
     }
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    with_index_type(N * C * P, [&](auto index) {
+    with_index_type(combine_items(N, C, H, W), [&](auto index) {  // the padded count bounds every offset
       using index_t = decltype(index);
       auto kernel = combine_kernel<scalar_t, acc_t, index_t>;
       CC_LAUNCH(kernel, num_blocks(combine_items(N, C, H, W), max_blocks), kThreads, rp, cp, op, index_t(N),

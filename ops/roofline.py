@@ -1,0 +1,123 @@
+"""The roofline of the CUDA criss-cross attention: per kernel, the bytes it must move and the
+FLOPs it must do, and the floor on a GPU from its HBM bandwidth and its peak for the dtype.
+
+    python -m ops.roofline                                   # the paper's shape, bf16
+    python -m ops.roofline --shape 2,64,512,97,97 --dtype float32
+
+The kernels are those ``ops.criss_cross_attention`` launches on CUDA (``cc_attention`` forward,
+``cc_attention_backward``; see ops/csrc/cuda/cc_kernels.cuh), in order. Bytes count each input
+read once and each output written once (a kernel can move no less); GEMM FLOPs are 2 x M x N x K
+per product. The GEMMs run on the tensor cores for fp16/bf16 (float32 accumulation), on FP32 FMA
+for float32 (TF32 when PyTorch allows it: ``--tf32``), and their partial sums for aggregate and
+scatter are float32 (the ``combine`` kernel adds the row and column halves and rounds once). A
+kernel's floor is max(bytes / bandwidth, FLOPs / peak); the total floor is the sum of the
+kernels' floors (they run one after another on one stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+# Data-sheet figures (dense, no sparsity): HBM bytes/s and FLOP/s per math path.
+GPUS = {
+    "H100 SXM": {"bandwidth": 3.35e12, "tensor16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12},
+    "H200 SXM": {"bandwidth": 4.8e12, "tensor16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    name: str
+    bytes: int
+    flops: int
+    gemm: bool
+
+
+def math_path(dtype: str, tf32: bool = False) -> str:
+    """Which peak a GEMM of this dtype runs at."""
+    if dtype in ("float16", "bfloat16"):
+        return "tensor16"
+    if dtype == "float32":
+        return "tf32" if tf32 else "fp32"
+    return "fp64"
+
+
+def kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[Kernel]:
+    """The kernels of one forward and one backward, with their bytes and FLOPs."""
+    s, acc = SIZES[dtype], 8 if dtype == "float64" else 4
+    P, L = H * W, H + W - 1
+    slots, dense = N * L * P, N * W * H * H  # the slot map, the dense column matrices
+
+    def transpose(name: str, channels: int) -> Kernel:
+        return Kernel(f"transpose {name}", 2 * N * channels * P * s, 0, False)
+
+    def energy(tag: str, channels: int) -> list[Kernel]:  # rows into the slot map, columns dense
+        return [Kernel(f"{tag} rows GEMM", (2 * N * channels * P + N * W * P) * s, 2 * N * channels * H * W * W, True),
+                Kernel(f"{tag} columns GEMM", (2 * N * channels * P + dense) * s, 2 * N * channels * W * H * H, True)]
+
+    def mix(tag: str, channels: int) -> list[Kernel]:  # aggregate or scatter: two GEMMs, combine
+        # the rows GEMM writes float32 partial sums (straight into the output for float32/64)
+        return [Kernel(f"{tag} rows GEMM", (N * channels * P + N * W * P) * s + N * channels * P * acc,
+                       2 * N * channels * H * W * W, True),
+                Kernel(f"{tag} columns GEMM", (N * channels * P + dense) * s + N * channels * P * acc,
+                       2 * N * channels * W * H * H, True),
+                Kernel(f"{tag} combine", 2 * N * channels * P * acc + N * channels * P * s, N * channels * P, False)]
+
+    forward = [transpose("q", Cq), transpose("k", Cq), *energy("energy", Cq),
+               Kernel("softmax", 2 * (N * W * P + dense) * s + N * (H - 1) * P * s, 0, False),
+               transpose("v", C), *mix("aggregate", C)]
+    backward = [transpose("grad", C), Kernel("unpack", (N * (H - 1) * P + dense) * s, 0, False),
+                *mix("dv (scatter)", C), transpose("v", C), *energy("d attention", C),
+                Kernel("softmax backward", (slots + 2 * (N * W * P + dense)) * s, 0, False),
+                transpose("k", Cq), *mix("dq (aggregate)", Cq), transpose("q", Cq), *mix("dk (scatter)", Cq)]
+    return ([dataclasses.replace(k, name=f"fwd {k.name}") for k in forward]
+            + [dataclasses.replace(k, name=f"bwd {k.name}") for k in backward])
+
+
+def floor_seconds(kernel: Kernel, gpu: dict, path: str) -> float:
+    compute = kernel.flops / gpu[path] if kernel.gemm else 0.0  # the layout kernels' arithmetic is noise
+    return max(kernel.bytes / gpu["bandwidth"], compute)
+
+
+def floors(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False) -> dict[str, float]:
+    """Total floor in seconds per GPU, forward + backward."""
+    path = math_path(dtype, tf32)
+    ks = kernels(*shape, dtype)
+    return {name: sum(floor_seconds(k, gpu, path) for k in ks) for name, gpu in GPUS.items()}
+
+
+def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False) -> str:
+    path = math_path(dtype, tf32)
+    ks = kernels(*shape, dtype)
+    names = list(GPUS)
+    lines = [(f"criss-cross attention on CUDA, forward + backward: (N, C', C, H, W) = {shape}, {dtype} "
+              f"(GEMMs on {path})"), "",
+             "| kernel | MB moved | GFLOP | " + " | ".join(f"{n} floor us" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for k in ks:
+        cells = [f"{floor_seconds(k, GPUS[n], path) * 1e6:.2f}" for n in names]
+        lines.append(f"| {k.name} | {k.bytes / 1e6:.2f} | {k.flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+    total = floors(shape, dtype, tf32)
+    lines.append(f"| **total** | {sum(k.bytes for k in ks) / 1e6:.2f} | {sum(k.flops for k in ks) / 1e9:.3f} | "
+                 + " | ".join(f"**{total[n] * 1e6:.1f}**" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ops.roofline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="1,64,512,97,97", help="N,C',C,H,W (default: the paper's RCCA head)")
+    p.add_argument("--dtype", default="bfloat16", choices=list(SIZES))
+    p.add_argument("--tf32", action="store_true", help="float32 GEMMs on TF32 tensor cores")
+    args = p.parse_args(argv)
+    shape = tuple(int(x) for x in args.shape.split(","))
+    if len(shape) != 5 or min(shape) < 1:
+        p.error(f"--shape needs five positive integers N,C',C,H,W, got {args.shape!r}")
+    print(table(shape, args.dtype, args.tf32))
+
+
+if __name__ == "__main__":
+    main()
