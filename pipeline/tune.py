@@ -95,10 +95,11 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
 
 def concurrency(cfg: PipelineConfig, total: dict[str, float] | None = None) -> int:
     """Trials at once: ``tune.max_concurrent`` (on a local Ray, at most what fits); unset, every
-    trial when joining a cluster (each trial's trainer asks for its workers' placement group, the demand an autoscaler answers with
-    nodes, whatever the cluster holds at the start), and what fits on a local Ray's fixed CPUs
-    (GPUs), leaving a whole CPU per trial to Ray Data; a local Ray too small for one trial is an
-    error that says so (a trial that cannot get its data would wait forever)."""
+    trial when joining a cluster (each trial's trainer asks for its workers' placement group, the
+    demand an autoscaler answers with nodes, whatever the cluster holds at the start), and what
+    fits on a local Ray's fixed CPUs (GPUs), leaving a whole CPU per trial to Ray Data; a local Ray
+    too small for one trial is an error that says so (a trial that cannot get its data would wait
+    forever)."""
     import ray
 
     if cfg.ray_address:
