@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlflow.pyfunc
 import numpy as np
 
-from .evaluate import inference_device, predict_labels  # served from here too
+from .evaluate import inference_device, predict_labels
 
 
 class CCNetPyfunc(mlflow.pyfunc.PythonModel):
