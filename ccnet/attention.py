@@ -2,7 +2,9 @@
 
 Query and key 1x1 convs reduce C to C / 8, the value conv keeps C; the attention of every
 pixel over its row and column (``ops.criss_cross_attention``) is scaled by a learnable
-``gamma``, initialised to 0 so that a fresh module is the identity, and added to the input.
+``gamma``, initialised to 0 so that a fresh module is the identity (the paper's code), and added
+to the input. The branch's gradients are scaled by gamma, so from 0 one pass can stay unused
+(``gamma_init``; see the README's ablation).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ class CrissCrossAttention(nn.Module):
         channels: C, the input (and output) channels.
         reduction: query/key channel reduction (8 in the paper).
         attention: the attention function ``(q, k, v) -> out``; the criss-cross op by default.
+        gamma_init: gamma's initial value; 0 (the paper's code) makes a fresh module the identity.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 8, attention=ops.criss_cross_attention) -> None:
+    def __init__(self, channels: int, *, reduction: int = 8, attention=ops.criss_cross_attention,
+                 gamma_init: float = 0.0) -> None:
         super().__init__()
         if channels < reduction:
             raise ValueError(f"channels ({channels}) must be at least the reduction ({reduction})")
@@ -30,7 +34,7 @@ class CrissCrossAttention(nn.Module):
         self.query = nn.Conv2d(channels, inner, 1)
         self.key = nn.Conv2d(channels, inner, 1)
         self.value = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))  # 0: the module starts as the identity
+        self.gamma = nn.Parameter(torch.full((1,), float(gamma_init)))
         self.attention = attention
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C, H, W)

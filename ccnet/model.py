@@ -9,6 +9,7 @@ to the label size, ``ccnet.inference`` to the image size.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -45,7 +46,7 @@ class CCNet(nn.Module):
 def build_ccnet(num_classes: int, *, backbone: str = "resnet101", recurrence: int = 2,
                 share_weights: bool = True, attention: str = "cca", aux: bool = True,
                 head_channels: int | None = None, pretrained: str | Path | None = None,
-                dropout: float = 0.1) -> CCNet:
+                dropout: float = 0.1, gamma_init: float = 0.0) -> CCNet:
     """Build CCNet.
 
     Args:
@@ -59,6 +60,7 @@ def build_ccnet(num_classes: int, *, backbone: str = "resnet101", recurrence: in
             twice the layer4 width for smaller backbones.
         pretrained: backbone weights: None, a file path, or "hub" (see ``build_backbone``).
         dropout: Dropout2d probability before the classifiers.
+        gamma_init: the attention's initial residual scale (0 in the paper's code: the identity).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -68,7 +70,8 @@ def build_ccnet(num_classes: int, *, backbone: str = "resnet101", recurrence: in
     c3, c4 = BACKBONES[backbone].channels
     channels = head_channels or min(512, 2 * c4)
     head = RCCAHead(c4, num_classes, channels=channels, recurrence=recurrence, share_weights=share_weights,
-                    attention_layer=ATTENTION_LAYERS[attention], dropout=dropout)
+                    attention_layer=functools.partial(ATTENTION_LAYERS[attention], gamma_init=gamma_init),
+                    dropout=dropout)
     aux_head = FCNHead(c3, num_classes, channels=channels, dropout=dropout) if aux else None
     return CCNet(body, head, aux_head)
 

@@ -29,5 +29,5 @@ class NonLocal2d(CrissCrossAttention):
         reduction: query/key channel reduction (8, as in CCNet's comparison).
     """
 
-    def __init__(self, channels: int, *, reduction: int = 8) -> None:
-        super().__init__(channels, reduction=reduction, attention=dense_attention)
+    def __init__(self, channels: int, *, reduction: int = 8, gamma_init: float = 0.0) -> None:
+        super().__init__(channels, reduction=reduction, attention=dense_attention, gamma_init=gamma_init)

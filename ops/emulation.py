@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .extension import CSRC, BuildError, cache_root
+from .extension import CSRC, BuildError, cache_root, check_runtime, runtime_ldflags
 
 LIBRARY = "ccnet_ops_emu"
 SOURCE = CSRC / "cuda" / "emulation" / "cc_emulation.cpp"
@@ -43,7 +43,7 @@ def _build_key() -> str:
     for path in _inputs():
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
-    digest.update("\0".join([torch.__version__, *CXX_FLAGS]).encode())
+    digest.update("\0".join([torch.__version__, *CXX_FLAGS, *runtime_ldflags()]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -64,6 +64,7 @@ def load_emulation(verbose: bool = False):
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=CXX_FLAGS,
+            extra_ldflags=runtime_ldflags(),
             extra_include_paths=[str(CSRC)],
             build_directory=str(build_dir),
             with_cuda=False,
@@ -72,4 +73,5 @@ def load_emulation(verbose: bool = False):
         )
     except Exception as exc:  # compiler errors, missing toolchain, unloadable library
         raise BuildError(f"building the CUDA emulation {name} in {build_dir} failed: {exc}") from exc
+    check_runtime(build_dir / f"{name}.so")
     return getattr(torch.ops, LIBRARY)

@@ -177,12 +177,58 @@ def build_key(with_cuda: bool) -> str:
     for path in cpp_sources() + sorted(CSRC.glob("*.h")) + cuda_files:
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
-    parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), cxx(), *CXX_FLAGS]
+    parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), cxx(), *CXX_FLAGS,
+             *runtime_ldflags()]
     if with_cuda:
         home = cuda_home()
         parts += [str(home.resolve() if home else None), cuda_arch_list(), *CUDA_FLAGS]  # one toolkit, however reached
     digest.update("\0".join(parts).encode())
     return digest.hexdigest()[:16]
+
+
+def runtime_ldflags() -> list[str]:
+    """The C++ runtime this process runs, named to the linker.
+
+    Some toolchains (seen: g++ 13.3 on Ubuntu 24.04 with a PyTorch 2.11 wheel) link libstdc++
+    statically into an extension. Its iostreams then meet locale facets from the process's shared
+    libstdc++, and formatting an error message ends in a segfault instead of the error. Naming the
+    loaded shared library makes the linker resolve every C++ runtime symbol there.
+    """
+    if sys.platform != "linux":
+        return []
+    with open("/proc/self/maps") as maps:
+        loaded = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    return loaded[:1]
+
+
+RUNTIME_SYMBOL = "_ZNKSt6locale2id5_M_idEv"  # std::locale::id::_M_id() const: libstdc++'s own, never inlined
+
+
+def carries_cpp_runtime(library: str | Path) -> bool:
+    """Whether a shared library defines its own copy of libstdc++ rather than using the process's:
+    the symbol it resolves first (its own definition, else its dependencies') is not the shared
+    library's."""
+    runtime = runtime_ldflags()
+    if not runtime:
+        return False
+    import ctypes
+
+    def address(path: str) -> int | None:
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(path), RUNTIME_SYMBOL), ctypes.c_void_p).value
+        except AttributeError:
+            return None
+
+    own = address(str(library))
+    return own is not None and own != address(runtime[0])
+
+
+def check_runtime(library: str | Path) -> None:
+    """Raises BuildError when ``library`` carries its own libstdc++ (see ``runtime_ldflags``)."""
+    if carries_cpp_runtime(library):
+        raise BuildError(f"{library} links its own copy of libstdc++ although {runtime_ldflags()[0]} was named "
+                         "to the linker: its error messages would crash the process. Check the compiler's "
+                         "default link flags (-static-libstdc++) or set CCNET_OPS_CXX to another compiler")
 
 
 def cxx() -> str:
@@ -231,6 +277,7 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
                 sources=sources,
                 extra_cflags=CXX_FLAGS,
                 extra_cuda_cflags=cuda_flags,
+                extra_ldflags=runtime_ldflags(),
                 extra_include_paths=[str(CSRC)],
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
@@ -239,6 +286,7 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
             )
         except Exception as exc:  # compiler errors, missing toolchain, unloadable library
             raise BuildError(f"building {name} in {build_dir} failed: {exc}") from exc
+    check_runtime(library)
     seconds = time.perf_counter() - start
     how = "loaded from the cache" if cached else "compiled"
     print(f"ops: {name} {how} in {seconds:.1f} s"

@@ -34,7 +34,7 @@ class DamagedCheckpoint(ValueError):
 def model_from_config(cfg: PipelineConfig, num_classes: int, *, pretrained: bool = True) -> nn.Module:
     m = cfg.model
     return build_ccnet(num_classes, backbone=m.backbone, recurrence=m.recurrence, share_weights=m.share_weights,
-                       attention=m.attention, aux=m.aux, head_channels=m.head_channels,
+                       attention=m.attention, aux=m.aux, head_channels=m.head_channels, gamma_init=m.gamma_init,
                        pretrained=m.pretrained if pretrained else None)
 
 

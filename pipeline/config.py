@@ -53,6 +53,9 @@ class ModelConfig:
     aux: bool = True
     head_channels: int | None = None
     pretrained: str | None = None  # backbone weights file, or "hub"
+    # the attention's initial residual scale: 0 (the paper's code) starts it as the identity; on
+    # the synthetic default one pass from 0 stays unused (README, "The paper's ablation")
+    gamma_init: float = 0.0
 
 
 @dataclasses.dataclass

@@ -336,6 +336,12 @@ def test_bad_arguments_raise_errors_naming_the_op(emu, case):
         getattr(emu, op)(*args)
 
 
+def test_emulation_uses_the_processes_cpp_runtime(emu):
+    """Its argument errors format tensor sizes: with its own libstdc++ that crashed (g++ 13.3)."""
+    name = f"{emulation.LIBRARY}_{emulation._build_key()}"
+    assert not extension.carries_cpp_runtime(extension.cache_root() / name / f"{name}.so")
+
+
 def test_failed_build_raises_with_the_compilers_message(monkeypatch, tmp_path):
     source = tmp_path / "csrc" / "cuda" / "emulation" / "cc_emulation.cpp"
     source.parent.mkdir(parents=True)

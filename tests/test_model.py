@@ -228,3 +228,19 @@ def test_attention_maps_match_the_op_with_one_hot_values():
         torch.testing.assert_close(m.sum((1, 2)), torch.ones(2))
     assert (maps[0].reshape(2, H, W)[:, y + 1:, :x] == 0).all()  # off the cross after one pass
     assert (maps[1] > 0).all()  # the whole image after two
+
+
+@pytest.mark.parametrize("attention", ["cca", "non_local"])
+def test_gamma_init_reaches_every_attention_module(attention):
+    """model.gamma_init sets the residual scale of each pass's module (0 by default: the paper)."""
+    from pipeline.checkpoint import model_from_config
+    from pipeline.config import load_config
+
+    for value, share in ((0.0, True), (1.0, True), (0.25, False)):
+        cfg = load_config("default", [f"model.attention={attention}", f"model.gamma_init={value}",
+                                      f"model.share_weights={share}", "model.recurrence=2"])
+        modules = [m for m in model_from_config(cfg, 5, pretrained=False).modules()
+                   if isinstance(m, CrissCrossAttention)]
+        assert len(modules) == (1 if share else 2)
+        assert all(float(m.gamma) == value for m in modules)
+    assert float(build_ccnet(5, backbone="tiny").head.attention[0].gamma) == 0.0

@@ -377,6 +377,26 @@ def test_build_command_reports_the_cached_library(lib):
     assert os.path.exists(library) and "built ccnet_ops" in result.stdout
 
 
+def test_library_uses_the_processes_cpp_runtime(lib, tmp_path):
+    """An extension with its own libstdc++ crashes while formatting an error message (seen with
+    g++ 13.3 + torch 2.11, whose g++ does so by default): ours resolves the C++ runtime in the
+    process's shared libstdc++. The detector is checked on two small libraries, one linked as our
+    build links (the process's libstdc++ named), one with -static-libstdc++."""
+    assert not extension.carries_cpp_runtime(ops.load_compiled().library)
+    source = tmp_path / "fmt.cpp"
+    source.write_text('#include <sstream>\n'
+                      'extern "C" int digits(long v) { std::ostringstream s; s << v; return s.str().size(); }\n')
+    built = {}
+    for name, flags in (("shared", extension.runtime_ldflags()), ("static", ["-static-libstdc++"])):
+        built[name] = tmp_path / f"{name}.so"
+        subprocess.run([extension.cxx(), "-shared", "-fPIC", "-O1", str(source), *flags, "-o", str(built[name])],
+                       check=True, capture_output=True, timeout=120)
+    assert not extension.carries_cpp_runtime(built["shared"])
+    assert extension.carries_cpp_runtime(built["static"])
+    with pytest.raises(extension.BuildError, match="links its own copy of libstdc"):
+        extension.check_runtime(built["static"])
+
+
 # --- fuzzed input validation -------------------------------------------------------------------
 # Random inputs, valid or not: every call either returns what an independent computation gives,
 # or raises ValueError/TypeError with a message that names the op. Nothing else (a crash, an
