@@ -1,22 +1,27 @@
 """Why does one criss-cross pass learn so little on the synthetic default? A study without Ray.
 
     python -m benchmarks.recurrence_study --device cuda --seeds 0 1 2 \\
-        --variant R=0 --variant R=1 --variant R=2 --variant R=1,gamma=1 --out study.json
+        --variant R=0 --variant R=1 --variant R=2 --variant R=1,gamma=1 --out study.jsonl
 
 Trains the default config's model (tiny backbone, RCCA head, aux head) with the pipeline's own
 step (``pipeline.train.train_step``: the same loss, SGD, poly schedule and learning rate) on the
-synthetic default (256 training and 64 validation images, 96 x 96), in one process: one batch of
-``train.batch_size x scaling.num_workers`` images per step, the global batch of the pipeline's
-2-worker DDP run, in a seeded order per epoch. A variant sets ``R`` (``model.recurrence``) and
-optionally ``gamma``, the initial value of every attention module's gamma
-(``model.gamma_init``: 0 in the paper's code and by default). Every ``--every`` iterations it records, on the validation split:
+synthetic default (256 training and 64 validation images, 96 x 96, no augmentation: the default
+crops the whole image), in one process: one batch of ``train.batch_size x scaling.num_workers``
+images per step, the global batch of the pipeline's 2-worker DDP run, in a seeded order per
+epoch. Unlike the pipeline, BatchNorm normalises the 16 images together (each DDP worker
+normalises its 8), the data order is the study's own, and on a GPU the convolutions may run in
+TF32 (PyTorch's default): compare the variants with each other, not with a pipeline run. A
+variant sets ``R`` (``model.recurrence``), ``non_local`` (one dense non-local block), and
+``gamma``, the initial value of every attention module's gamma (``model.gamma_init``; 0, the
+paper's code, unless the variant names it). Every ``--every`` iterations it records, on the
+validation split:
 
 - ``miou``: whole-image mIoU;
 - ``gamma``: the attention's gamma (the first module's);
 - ``object_acc``: pixel accuracy on the objects (their key strips excluded);
-- ``object_acc_no_keys``: the same with every key strip painted over with background grey: a
-  model that reads the keys falls to about chance among the K - 1 object classes, one that
-  does not is unaffected.
+- ``object_acc_no_keys``: the same with every key strip painted over with background grey;
+  chance among the K - 1 object classes is 1 / (K - 1). A model far above chance with the keys
+  and at chance without them owes the difference to the keys.
 
 ``--data FILE.npz`` reads the images and labels from a file written by ``--write-data``, for a
 machine without OpenCV; otherwise they are generated here, as ``data_prep`` generates them.

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 import torch
 
-from .extension import CSRC, BuildError, cache_root, check_runtime, runtime_ldflags
+from .extension import CSRC, BuildError, cache_root, check_runtime, cxx, runtime_ldflags
 
 LIBRARY = "ccnet_ops_emu"
 SOURCE = CSRC / "cuda" / "emulation" / "cc_emulation.cpp"
@@ -43,7 +44,7 @@ def _build_key() -> str:
     for path in _inputs():
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
-    digest.update("\0".join([torch.__version__, *CXX_FLAGS, *runtime_ldflags()]).encode())
+    digest.update("\0".join([torch.__version__, cxx(), *CXX_FLAGS, *runtime_ldflags()]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -56,6 +57,7 @@ def load_emulation(verbose: bool = False):
     """
     from torch.utils import cpp_extension
 
+    os.environ["CXX"] = cxx()  # as ops.extension.build: CCNET_OPS_CXX, else CXX, else c++
     name = f"{LIBRARY}_{_build_key()}"
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)

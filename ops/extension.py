@@ -196,18 +196,23 @@ def runtime_ldflags() -> list[str]:
     """
     if sys.platform != "linux":
         return []
+    loaded = set()
     with open("/proc/self/maps") as maps:
-        loaded = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
-    return loaded[:1]
+        for line in maps:
+            fields = line.rstrip("\n").split(maxsplit=5)  # the path may hold spaces
+            if len(fields) == 6 and "/libstdc++.so" in fields[5]:
+                loaded.add(fields[5].removesuffix(" (deleted)"))
+    return sorted(loaded)[:1]  # one in practice; sorted, so that the build key is stable
 
 
 RUNTIME_SYMBOL = "_ZNKSt6locale2id5_M_idEv"  # std::locale::id::_M_id() const: libstdc++'s own, never inlined
 
 
 def carries_cpp_runtime(library: str | Path) -> bool:
-    """Whether a shared library defines its own copy of libstdc++ rather than using the process's:
-    the symbol it resolves first (its own definition, else its dependencies') is not the shared
-    library's."""
+    """Whether a shared library defines its own (static) libstdc++ rather than using the process's:
+    where it resolves ``RUNTIME_SYMBOL`` first (its own definition, else its dependencies') is not
+    the shared library's. One symbol, exported: a static copy hidden from the dynamic symbol table
+    (``--exclude-libs``) is not seen."""
     runtime = runtime_ldflags()
     if not runtime:
         return False
@@ -216,7 +221,7 @@ def carries_cpp_runtime(library: str | Path) -> bool:
     def address(path: str) -> int | None:
         try:
             return ctypes.cast(getattr(ctypes.CDLL(path), RUNTIME_SYMBOL), ctypes.c_void_p).value
-        except AttributeError:
+        except (AttributeError, OSError):  # not defined there; not loadable
             return None
 
     own = address(str(library))
@@ -224,11 +229,14 @@ def carries_cpp_runtime(library: str | Path) -> bool:
 
 
 def check_runtime(library: str | Path) -> None:
-    """Raises BuildError when ``library`` carries its own libstdc++ (see ``runtime_ldflags``)."""
+    """Raises BuildError when ``library`` carries its own libstdc++ (see ``runtime_ldflags``), after
+    removing it, so that the next build compiles again instead of loading it from the cache."""
     if carries_cpp_runtime(library):
-        raise BuildError(f"{library} links its own copy of libstdc++ although {runtime_ldflags()[0]} was named "
-                         "to the linker: its error messages would crash the process. Check the compiler's "
-                         "default link flags (-static-libstdc++) or set CCNET_OPS_CXX to another compiler")
+        Path(library).unlink(missing_ok=True)
+        raise BuildError(f"{library} (now removed) links its own copy of libstdc++ although "
+                         f"{runtime_ldflags()[0]} was named to the linker: its error messages would crash "
+                         "the process. Check the compiler's default link flags (-static-libstdc++), or set "
+                         "CCNET_OPS_CXX to another compiler")
 
 
 def cxx() -> str:
@@ -286,7 +294,7 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
             )
         except Exception as exc:  # compiler errors, missing toolchain, unloadable library
             raise BuildError(f"building {name} in {build_dir} failed: {exc}") from exc
-    check_runtime(library)
+        check_runtime(library)
     seconds = time.perf_counter() - start
     how = "loaded from the cache" if cached else "compiled"
     print(f"ops: {name} {how} in {seconds:.1f} s"

@@ -35,8 +35,8 @@ if $PY -c "import ray, mlflow" 2>/dev/null; then pipeline=1; else pipeline=0; fi
     $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_ops.py tests/test_mixed_precision.py \
       tests/test_gpu_path.py -k "not through_the_pipeline" || rc=1
   fi
-  # the argument-check cases last and alone: a crash there (seen with g++ 13.3 + torch 2.11) must
-  # not hide the rest of the emulation's results
+  # the argument-check cases last and alone: a crash there (seen with g++ 13.3 + torch 2.11, before
+  # the op libraries named the shared libstdc++ to the linker) must not hide the rest
   $PY -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py -k "not bad_arguments" || rc=1
   $PY -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py -k "bad_arguments" || rc=1
   exit $rc

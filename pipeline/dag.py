@@ -28,6 +28,8 @@ ATTEMPT = "attempt.json"
 def step_keys(cfg: PipelineConfig) -> dict[str, str]:
     """Each step's key: its own config and the keys of the steps it depends on."""
     d = to_dict(cfg)
+    if d["model"]["gamma_init"] == 0.0:  # its value before the key existed: those runs keep their keys
+        del d["model"]["gamma_init"]
     keys = {"prepare": digest("prepare", d["data"])}
     keys["train"] = digest("train", keys["prepare"], d["model"], d["train"], d["scaling"]["num_workers"])
     keys["evaluate"] = digest("evaluate", keys["train"], d["eval"])

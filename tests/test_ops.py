@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 
@@ -389,12 +390,17 @@ def test_library_uses_the_processes_cpp_runtime(lib, tmp_path):
     built = {}
     for name, flags in (("shared", extension.runtime_ldflags()), ("static", ["-static-libstdc++"])):
         built[name] = tmp_path / f"{name}.so"
-        subprocess.run([extension.cxx(), "-shared", "-fPIC", "-O1", str(source), *flags, "-o", str(built[name])],
-                       check=True, capture_output=True, timeout=120)
+        link = subprocess.run([*shlex.split(extension.cxx()), "-shared", "-fPIC", "-O1", str(source), *flags,
+                               "-o", str(built[name])], capture_output=True, text=True, timeout=120,
+                              check=False)
+        if link.returncode != 0 and name == "static":  # no libstdc++.a here (libstdc++-static)
+            pytest.skip(f"the static control cannot be linked here: {link.stderr.strip()[-300:]}")
+        assert link.returncode == 0, link.stderr
     assert not extension.carries_cpp_runtime(built["shared"])
     assert extension.carries_cpp_runtime(built["static"])
     with pytest.raises(extension.BuildError, match="links its own copy of libstdc"):
         extension.check_runtime(built["static"])
+    assert not built["static"].exists()  # removed: the next build compiles again
 
 
 # --- fuzzed input validation -------------------------------------------------------------------

@@ -231,6 +231,19 @@ def test_presets_load():
     assert (paper.train.crop, paper.train.lr, paper.train.iterations, paper.model.recurrence) == (769, 0.01, 60000, 2)
     assert paper.train.ohem and paper.train.sync_bn and paper.train.amp == "bf16"
     assert paper.train.batch_size * paper.scaling.num_workers == 8
+    for name in ("cityscapes_r101", "ade20k_r101", "voc_r101"):  # the paper's initialisation
+        assert load_config(name).model.gamma_init == 0.0
+
+
+def test_embedded_default_is_the_default_preset():
+    """`pipeline.run` without --config reads configs/default.yaml; tests that compute a CLI run's
+    step keys and paths from load_config(None) rely on both giving one config, and one key."""
+    from pipeline.config import to_dict
+    from pipeline.dag import step_keys
+
+    embedded, preset = load_config(None), load_config("default")
+    assert {**to_dict(embedded), "name": None} == {**to_dict(preset), "name": None}
+    assert step_keys(embedded) == step_keys(preset)
 
 
 def test_alias_moves_only_for_a_better_score_under_the_same_protocol(pipeline_run):

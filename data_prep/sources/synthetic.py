@@ -10,9 +10,11 @@ reaches), and rectangles of one image never share rows (row keys) or columns (co
 so each key names exactly one object.
 
 So a pixel's class is fixed by information on its own row or column, ``gap`` or more pixels
-away. One criss-cross attention pass reaches it; a model that only sees a neighbourhood
-smaller than ``gap`` can tell background from object but not which object: its mIoU plateaus
-near background IoU plus chance over K-1 classes, well below a context model.
+away. One criss-cross attention pass reaches it (and learns to read it when the attention's
+gamma starts at 1; from the paper's 0 a single pass stays unused: README, "The ablation"); a
+model that only sees a neighbourhood smaller than ``gap`` can tell background from object but
+not which object: its mIoU plateaus near background IoU plus chance over K-1 classes, well below
+a context model.
 
 Labels: background 0, objects and their key strips 1..K-1. A key strip (8 pixels wide, one
 feature cell at output stride 8) is easy to classify where it is; the objects it names are not. Sample i of a split is generated from ``numpy.random.default_rng((seed, split, i))``,
