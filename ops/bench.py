@@ -1,11 +1,25 @@
-"""Benchmark the compiled criss-cross attention against the pure-PyTorch reference.
+"""Benchmark the compiled criss-cross attention against pure-PyTorch formulations.
 
     python -m ops.bench                          # CPU, float32; CUDA too when present
     python -m ops.bench --device cuda --dtype float32 --dtype bfloat16 --out benchmarks/results/x.md
 
-Both implementations run side by side in one process, interleaved repeat by repeat, on the
-same inputs; the table gives median times and the reference/compiled ratio (above 1: the
-compiled op is faster), and on CUDA the peak memory of forward + backward.
+Three implementations run side by side in one process, interleaved repeat by repeat, on the
+same inputs:
+
+- ``ref``: ``ops.reference``, the formulation most code runs today (mmcv's, and the einsum form
+  of the authors' pure-PyTorch branch): two einsum energies, -inf on the column energy's
+  diagonal, one softmax over their concatenation, two einsum aggregations;
+- ``bmm``: the layout of the authors' pure-PyTorch module (``ops.reference.criss_cross_attention_bmm``):
+  every row and column a batch of ``torch.bmm`` over permuted copies, an -inf diagonal added
+  (broadcast (H, H), where the authors' module materialises it per column), under this
+  project's dtype contract;
+- ``ours``: the compiled op.
+
+The table gives median times, the ref/ours ratio (above 1: the compiled op is faster), the peak
+memory that forward + backward adds (CUDA: the caching allocator's peak over what was allocated
+before; CPU: the peak resident set over the resident set before, in a fresh process whose
+allocations from 64 KiB up are mapped and returned on free, so that freed memory is not reused
+unseen), and on an H100/H200 the roofline floor of ``ops.roofline`` and ours over it.
 Shapes: the paper's RCCA head on a 769 x 769 crop (C = 512, C' = 64, 97 x 97, N = 1 and 2)
 and a smaller one.
 """
@@ -14,8 +28,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from . import roofline
+from . import reference, roofline
 from .criss_cross import criss_cross_attention, load_compiled
 
 SHAPES = {  # (N, C', C, H, W)
@@ -31,7 +49,7 @@ SHAPES = {  # (N, C', C, H, W)
     "paper N=2": (2, 64, 512, 97, 97),
     "small": (2, 16, 128, 33, 33),
 }
-IMPLS = ("reference", "compiled")
+IMPLS = ("reference", "bmm", "compiled")
 
 
 def _sync(device: torch.device) -> None:
@@ -47,17 +65,24 @@ def _inputs(shape, device, dtype):
     return q, k, v
 
 
+def _attention(impl: str) -> Callable:
+    if impl == "bmm":
+        return reference.criss_cross_attention_bmm
+    return lambda q, k, v: criss_cross_attention(q, k, v, implementation=impl)
+
+
 def _step(impl: str, q, k, v, backward: bool) -> Callable[[], None]:
+    attention = _attention(impl)
     if not backward:
         def forward():
             with torch.no_grad():
-                criss_cross_attention(q, k, v, implementation=impl)
+                attention(q, k, v)
         return forward
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     grad = torch.randn_like(v)
 
     def forward_backward():
-        out = criss_cross_attention(qg, kg, vg, implementation=impl)
+        out = attention(qg, kg, vg)
         torch.autograd.grad(out, (qg, kg, vg), grad)
     return forward_backward
 
@@ -88,7 +113,52 @@ def _peak_mb(step: Callable[[], None], device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def measure(device: torch.device, dtype: torch.dtype, shape, repeat: int, warmup: int) -> dict:
+# glibc: allocations from 64 KiB up are mapped and unmapped on free, whatever came before (a fixed
+# threshold), so the resident set follows what is allocated and a peak is not hidden by reuse
+CPU_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def cpu_peak_mb(step: Callable[[], None]) -> float | None:
+    """MiB by which ``step`` raises this process's peak resident set over its resident set before
+    (Linux: writing 5 to /proc/self/clear_refs resets the peak); None where the peak cannot be
+    reset. Meaningful under ``CPU_PEAK_ENV``."""
+    gc.collect()
+    base = _status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    if _status_kb("VmHWM") - _status_kb("VmRSS") > 1024:  # not reset: the reading would be stale
+        return None
+    step()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def _cpu_peaks(shape_name: str, dtype: str) -> dict[str, float | None]:
+    """Each implementation's CPU peak for forward + backward, measured in a fresh process; empty,
+    with a warning, where it cannot be measured (the table then shows -)."""
+    cmd = [sys.executable, "-m", "ops.bench", "--cpu-peak", "--shape", shape_name, "--dtype", dtype,
+           "--threads", str(torch.get_num_threads())]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # glibc's malloc, not another
+    try:
+        proc = subprocess.run(cmd, env={**env, **CPU_PEAK_ENV, "CCNET_OPS_STRICT": "1"}, capture_output=True,
+                              text=True, timeout=1800, check=False, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        print(f"warning: the CPU peak memory of {shape_name} {dtype} was not measured: {exc}", file=sys.stderr)
+        return {}
+
+
+def measure(device: torch.device, dtype: torch.dtype, shape, repeat: int, warmup: int,
+            shape_name: str | None = None) -> dict:
     q, k, v = _inputs(shape, device, dtype)
     row: dict = {}
     for backward, label in ((False, "fwd"), (True, "fwd+bwd")):
@@ -97,6 +167,8 @@ def measure(device: torch.device, dtype: torch.dtype, shape, repeat: int, warmup
         row[label] = times
         if backward and device.type == "cuda":
             row["peak MB"] = {impl: _peak_mb(steps[impl], device) for impl in IMPLS}
+    if device.type == "cpu" and shape_name is not None and sys.platform == "linux":
+        row["peak MB"] = _cpu_peaks(shape_name, str(dtype).removeprefix("torch."))
     return row
 
 
@@ -113,18 +185,18 @@ def roofline_floor_ms(device: str, dtype: str, shape: tuple) -> float | None:
 
 
 def table(rows: list[tuple[str, str, str, tuple, dict]]) -> str:
-    head = ("| device | dtype | shape | (N, C', C, H, W) | fwd ref ms | fwd ours ms | fwd ratio "
-            "| fwd+bwd ref ms | fwd+bwd ours ms | fwd+bwd ratio | peak MB ref | peak MB ours "
-            "| fwd+bwd floor ms | ours / floor |")
+    head = ("| device | dtype | shape | (N, C', C, H, W) | fwd ref ms | fwd bmm ms | fwd ours ms | fwd ref/ours "
+            "| fwd+bwd ref ms | fwd+bwd bmm ms | fwd+bwd ours ms | fwd+bwd ref/ours "
+            "| peak MB ref | peak MB bmm | peak MB ours | fwd+bwd floor ms | ours / floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for device, dtype, name, shape, r in rows:
         f, fb = r["fwd"], r["fwd+bwd"]
         mem = r.get("peak MB", {})
         floor = roofline_floor_ms(device, dtype, shape)
         cells = [device, dtype, name, str(shape),
-                 f"{f['reference']:.2f}", f"{f['compiled']:.2f}", f"{f['reference'] / f['compiled']:.2f}x",
-                 f"{fb['reference']:.2f}", f"{fb['compiled']:.2f}", f"{fb['reference'] / fb['compiled']:.2f}x",
-                 f"{mem['reference']:.0f}" if mem else "-", f"{mem['compiled']:.0f}" if mem else "-",
+                 *(f"{f[impl]:.2f}" for impl in IMPLS), f"{f['reference'] / f['compiled']:.2f}x",
+                 *(f"{fb[impl]:.2f}" for impl in IMPLS), f"{fb['reference'] / fb['compiled']:.2f}x",
+                 *(f"{mem[impl]:.0f}" if mem.get(impl) is not None else "-" for impl in IMPLS),
                  f"{floor:.3f}" if floor else "-", f"{fb['compiled'] / floor:.1f}x" if floor else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -146,7 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="timed repeats (default: 5 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
     parser.add_argument("--out", type=Path, help="also write the table, with device and date, to this file")
+    parser.add_argument("--cpu-peak", action="store_true", help=argparse.SUPPRESS)  # one shape, one dtype: JSON
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_peak:
+        if not (args.shape and args.dtype) or load_compiled() is None:
+            parser.error("--cpu-peak measures one --shape and one --dtype, with the compiled kernels")
+        q, k, v = _inputs(SHAPES[args.shape[0]], torch.device("cpu"), getattr(torch, args.dtype[0]))
+        peaks = {}
+        for impl in IMPLS:
+            step = _step(impl, q, k, v, backward=True)
+            step()  # one-time allocations (thread pools, the op's first call) before the measurement
+            peaks[impl] = cpu_peak_mb(step)
+        print(json.dumps(peaks))
+        return 0
 
     if load_compiled() is None:
         parser.error("the compiled kernels are unavailable; nothing to compare")
@@ -158,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         repeat = args.repeat or (50 if dev == "cuda" else 5)
         for dtype in dtypes:
             for name in args.shape or list(SHAPES):
-                result = measure(device, getattr(torch, dtype), SHAPES[name], repeat, args.warmup)
+                result = measure(device, getattr(torch, dtype), SHAPES[name], repeat, args.warmup, name)
                 rows.append((dev, dtype, name, SHAPES[name], result))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     header = "\n".join(
-        ["Criss-cross attention, compiled vs reference (ratio = reference time / compiled time)",
+        ["Criss-cross attention: ref = ops.reference (mmcv's einsum formulation), bmm = the authors' "
+         "bmm formulation, ours = the compiled op (ref/ours: reference time / compiled time)",
          f"date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
          + "; ".join(f"{d}: {device_name(torch.device(d))}" for d in devices),
          "command: python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -33,6 +33,33 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("nyxi,ncyi->ncyx", a_row, v) + torch.einsum("nyxk,nckx->ncyx", a_col, v)
 
 
+def criss_cross_attention_bmm(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The same maths in the layout of the authors' pure-PyTorch module, for the benchmark: every
+    column and every row as its own batch of ``torch.bmm`` over permuted copies, -inf added on
+    the column energies' diagonal (an (H, H) matrix, broadcast; the authors' module materialises
+    it for each of the N * W columns, in float32), one softmax over the concatenation, and two more
+    ``bmm`` over permuted copies of the maps. This module's dtype contract."""
+    q, k, v = autocast_inputs(q, k, v)
+    check_inputs(q, k, v)
+    N, _, H, W = q.shape
+
+    def columns(t):  # (N, c, H, W) -> (N * W, H, c)
+        return t.permute(0, 3, 2, 1).reshape(N * W, H, t.shape[1])
+
+    def rows(t):  # (N, c, H, W) -> (N * H, W, c)
+        return t.permute(0, 2, 3, 1).reshape(N * H, W, t.shape[1])
+
+    inf = torch.diag(torch.full((H,), float("inf"), device=q.device, dtype=q.dtype))
+    e_col = (torch.bmm(columns(q), columns(k).transpose(1, 2)) - inf).view(N, W, H, H).permute(0, 2, 1, 3)
+    e_row = torch.bmm(rows(q), rows(k).transpose(1, 2)).view(N, H, W, W)
+    attn = softmax_slots(torch.cat([e_col, e_row], dim=3), v.dtype, dim=3)  # (N, H, W, H + W)
+    a_col = attn[..., :H].permute(0, 2, 1, 3).reshape(N * W, H, H)
+    a_row = attn[..., H:].reshape(N * H, W, W)
+    out_col = torch.bmm(a_col, columns(v)).view(N, W, H, -1).permute(0, 3, 2, 1)
+    out_row = torch.bmm(a_row, rows(v)).view(N, H, W, -1).permute(0, 3, 1, 2)
+    return out_col + out_row
+
+
 def column_pixels(H: int, device: torch.device | str | None = None) -> Tensor:
     """(H, H - 1) table: the key row of column slot j for a query on row y (y itself skipped)."""
     j = torch.arange(H - 1, device=device)

@@ -194,32 +194,39 @@ def search(cfg: PipelineConfig) -> dict:
 
 def ablation_table(trials: list[dict]) -> list[dict]:
     """Per variant, over its seeds: the mean and sample standard deviation of the final val mIoU,
-    the mean seconds per iteration and the largest peak memory; in VARIANTS' order."""
+    of the seconds per iteration and of the peak memory; in VARIANTS' order."""
     import statistics
+
+    def spread(values: list[float]) -> float | None:
+        return statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
 
     rows = []
     for variant in [v for v in VARIANTS if any(t["params"].get("variant") == v for t in trials)]:
-        runs = [t for t in trials if t["params"].get("variant") == variant and t["val_miou"] is not None]
+        runs = sorted((t for t in trials if t["params"].get("variant") == variant and t["val_miou"] is not None),
+                      key=lambda t: int(t["params"]["seed"]))  # "per seed" in the seeds' order
         mious = [t["val_miou"] for t in runs]
         times = [t["step_time_s"] for t in runs if t.get("step_time_s") is not None]
         memory = [t["peak_memory_gb"] for t in runs if t.get("peak_memory_gb") is not None]
-        rows.append({"variant": variant, "seeds": sorted(int(t["params"]["seed"]) for t in runs),
-                     "miou_mean": statistics.fmean(mious) if mious else None,
-                     "miou_std": statistics.stdev(mious) if len(mious) > 1 else 0.0 if mious else None,
+        rows.append({"variant": variant, "seeds": [int(t["params"]["seed"]) for t in runs],
+                     "miou_mean": statistics.fmean(mious) if mious else None, "miou_std": spread(mious),
                      "mious": mious, "step_time_s": statistics.fmean(times) if times else None,
-                     "peak_memory_gb": max(memory) if memory else None})
+                     "step_time_std": spread(times),
+                     "peak_memory_gb": statistics.fmean(memory) if memory else None,
+                     "peak_memory_std": spread(memory)})
     return rows
 
 
 def format_ablation(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | val mIoU (mean ± std) | per seed | s / iteration | peak memory (GB) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | val mIoU (mean ± std) | per seed | s / iteration (mean ± std) "
+             "| peak memory GB (mean ± std) |", "|---|---|---|---|---|---|"]
+
+    def cell(mean: float | None, std: float | None, digits: int) -> str:
+        return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
     for r in rows:
-        miou = "-" if r["miou_mean"] is None else f"{r['miou_mean']:.3f} ± {r['miou_std']:.3f}"
-        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {miou} | "
-                     f"{', '.join(f'{m:.3f}' for m in r['mious'])} | "
-                     f"{'-' if r['step_time_s'] is None else format(r['step_time_s'], '.3f')} | "
-                     f"{'-' if r['peak_memory_gb'] is None else format(r['peak_memory_gb'], '.2f')} |")
+        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {cell(r['miou_mean'], r['miou_std'], 3)} | "
+                     f"{', '.join(f'{m:.3f}' for m in r['mious'])} | {cell(r['step_time_s'], r['step_time_std'], 3)} | "
+                     f"{cell(r['peak_memory_gb'], r['peak_memory_std'], 2)} |")
     return "\n".join(lines)
 
 
@@ -229,7 +236,7 @@ def log_ablation(c, parent_id: str, rows: list[dict]) -> None:
     from pathlib import Path
 
     for r in rows:
-        for key in ("miou_mean", "miou_std", "step_time_s", "peak_memory_gb"):
+        for key in ("miou_mean", "miou_std", "step_time_s", "step_time_std", "peak_memory_gb", "peak_memory_std"):
             if r[key] is not None:
                 c.log_metric(parent_id, f"ablation/{r['variant']}/{key}", float(r[key]))
     with tempfile.TemporaryDirectory() as d:

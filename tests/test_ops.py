@@ -403,6 +403,53 @@ def test_library_uses_the_processes_cpp_runtime(lib, tmp_path):
     assert not built["static"].exists()  # removed: the next build compiles again
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (1, 2, 3, 1, 5), (1, 2, 3, 5, 1)])
+def test_bmm_formulation_matches_the_reference(shape):
+    """ops.bench's third column computes the reference's maths, forward and backward."""
+    N, Cq, C, H, W = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(N, Cq, H, W, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    outs = []
+    for attention in (reference.criss_cross_attention, reference.criss_cross_attention_bmm):
+        out = attention(q, k, v)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU peak is read from Linux's /proc")
+def test_cpu_peak_memory_is_what_a_step_holds_at_once():
+    """ops.bench's CPU peak: 64 MiB held together, then 32 MiB held (the reset: not 64 again), 32
+    MiB twice in turn, and 4 MiB three times in a row (each reading its own)."""
+    code = ("import torch\nfrom ops.bench import cpu_peak_mb\nn = 2**23\nm = 2**20\n"
+            "print(cpu_peak_mb(lambda: (torch.ones(n), torch.ones(n))), cpu_peak_mb(lambda: torch.ones(n)),"
+            " cpu_peak_mb(lambda: [torch.ones(n).sum() for _ in range(2)]),"
+            " *(cpu_peak_mb(lambda: torch.ones(m)) for _ in range(3)))")
+    from ops.bench import CPU_PEAK_ENV
+
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **CPU_PEAK_ENV}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    together, one, in_turn, *small = map(float, proc.stdout.split())
+    assert 63 < together < 68 and 31 < one < 36 and 31 < in_turn < 36, proc.stdout
+    assert all(3.5 < mb < 6 for mb in small), proc.stdout
+
+
+def test_bmm_formulation_keeps_the_dtype_contract():
+    """Under CPU autocast bf16: bf16 output, as close to the float64 maths as the reference is."""
+    gen = torch.Generator().manual_seed(1)
+    q, k = (0.5 * torch.randn(1, 4, 6, 7, generator=gen) for _ in range(2))
+    v = torch.randn(1, 8, 6, 7, generator=gen)
+    exact = reference.criss_cross_attention(*(t.bfloat16().double() for t in (q, k, v)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = reference.criss_cross_attention_bmm(q, k, v), reference.criss_cross_attention(q, k, v)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.double(), exact, rtol=2e-2, atol=2e-2)
+    assert (ours.double() - exact).abs().max() <= 1.5 * (ref.double() - exact).abs().max() + 1e-3
+
+
 # --- fuzzed input validation -------------------------------------------------------------------
 # Random inputs, valid or not: every call either returns what an independent computation gives,
 # or raises ValueError/TypeError with a message that names the op. Nothing else (a crash, an

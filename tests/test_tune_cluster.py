@@ -175,11 +175,17 @@ def test_ablation_grid_and_table():
     trial = apply(cfg, {"variant": "non_local", "seed": 2})
     assert (trial.model.attention, trial.model.recurrence, trial.train.seed) == ("non_local", 1, 2)
     assert apply(cfg, {"variant": "r0", "seed": 1}).model.recurrence == 0
-    trials = [{"params": {"variant": v, "seed": s}, "val_miou": m, "step_time_s": 0.1 * (i + 1), "peak_memory_gb": 1.0}
+    trials = [{"params": {"variant": v, "seed": s}, "val_miou": m, "step_time_s": 0.1 * (i + 1),
+               "peak_memory_gb": 1.0 + i}
               for i, (v, s, m) in enumerate([("r2", 0, 0.88), ("r2", 1, 0.73), ("r2", 2, 0.80), ("r0", 0, 0.45)])]
+    trials = [trials[2], trials[0], trials[3], trials[1]]  # as trials finish: any order
     rows = {r["variant"]: r for r in ablation_table(trials)}
     assert [r["variant"] for r in ablation_table(trials)] == ["r0", "r2"]  # the paper's order
     assert abs(rows["r2"]["miou_mean"] - statistics.fmean([0.88, 0.73, 0.80])) < 1e-12
     assert abs(rows["r2"]["miou_std"] - statistics.stdev([0.88, 0.73, 0.80])) < 1e-12
     assert rows["r0"]["miou_std"] == 0.0 and rows["r2"]["seeds"] == [0, 1, 2]
-    assert "| r2 | 0,1,2 | 0.803 ± 0.075 |" in format_ablation(list(rows.values()))
+    assert abs(rows["r2"]["step_time_s"] - 0.2) < 1e-12 and abs(rows["r2"]["step_time_std"] - 0.1) < 1e-12
+    assert rows["r2"]["peak_memory_gb"] == 2.0 and rows["r2"]["peak_memory_std"] == 1.0
+    assert rows["r0"]["step_time_std"] == rows["r0"]["peak_memory_std"] == 0.0
+    assert "| r2 | 0,1,2 | 0.803 ± 0.075 | 0.880, 0.730, 0.800 | 0.200 ± 0.100 | 2.00 ± 1.00 |" in format_ablation(
+        list(rows.values()))
