@@ -127,6 +127,8 @@ def cpu_peak_mb(step: Callable[[], None]) -> float | None:
     """MiB by which ``step`` raises this process's peak resident set over its resident set before
     (Linux: writing 5 to /proc/self/clear_refs resets the peak); None where the peak cannot be
     reset. Meaningful under ``CPU_PEAK_ENV``."""
+    if sys.platform != "linux":
+        return None
     gc.collect()
     base = _status_kb("VmRSS")
     try:

@@ -55,7 +55,8 @@ class ModelConfig:
     pretrained: str | None = None  # backbone weights file, or "hub"
     # the attention's initial residual scale. 1 here; 0 is the paper's code (the dataset presets
     # keep it), which starts the attention as the identity and on the synthetic default left one
-    # pass, or a non-local block, at the level of no attention in 2 seeds of 3 (README, "The ablation")
+    # pass at the level of no attention in 2 seeds of 3, and a non-local block in all 3
+    # (README, "The ablation")
     gamma_init: float = 1.0
 
 

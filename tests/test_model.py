@@ -232,7 +232,8 @@ def test_attention_maps_match_the_op_with_one_hot_values():
 
 @pytest.mark.parametrize("attention", ["cca", "non_local"])
 def test_gamma_init_reaches_every_attention_module(attention):
-    """model.gamma_init sets the residual scale of each pass's module (0 by default: the paper)."""
+    """model.gamma_init sets the residual scale of each pass's module (build_ccnet's default: 0, the
+    paper's code; the pipeline config's: 1)."""
     from pipeline.checkpoint import model_from_config
     from pipeline.config import load_config
 

@@ -432,6 +432,8 @@ def test_cpu_peak_memory_is_what_a_step_holds_at_once():
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **CPU_PEAK_ENV}, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
+    if "None" in proc.stdout.split():
+        pytest.skip("the peak resident set cannot be reset here (/proc/self/clear_refs)")
     together, one, in_turn, *small = map(float, proc.stdout.split())
     assert 63 < together < 68 and 31 < one < 36 and 31 < in_turn < 36, proc.stdout
     assert all(3.5 < mb < 6 for mb in small), proc.stdout

@@ -11,7 +11,7 @@ so each key names exactly one object.
 
 So a pixel's class is fixed by information on its own row or column, ``gap`` or more pixels
 away. One criss-cross attention pass reaches it (and learns to read it when the attention's
-gamma starts at 1; from the paper's 0 a single pass stays unused: README, "The ablation"); a
+gamma starts at 1; from the paper's 0 a single pass mostly stays unused: README, "The ablation"); a
 model that only sees a neighbourhood smaller than ``gap`` can tell background from object but
 not which object: its mIoU plateaus near background IoU plus chance over K-1 classes, well below
 a context model.
