@@ -28,6 +28,7 @@ it took.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import platform
@@ -194,15 +195,21 @@ def runtime_ldflags() -> list[str]:
     libstdc++, and formatting an error message ends in a segfault instead of the error. Naming the
     loaded shared library makes the linker resolve every C++ runtime symbol there.
     """
+    return list(_loaded_cpp_runtime())  # a fresh list: cpp_extension appends to the one it is given
+
+
+@functools.cache
+def _loaded_cpp_runtime() -> tuple[str, ...]:
+    """The libstdc++ mapped into this process (read once: it stays loaded)."""
     if sys.platform != "linux":
-        return []
+        return ()
     loaded = set()
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.rstrip("\n").split(maxsplit=5)  # the path may hold spaces
             if len(fields) == 6 and "/libstdc++.so" in fields[5]:
                 loaded.add(fields[5].removesuffix(" (deleted)"))
-    return sorted(loaded)[:1]  # one in practice; sorted, so that the build key is stable
+    return tuple(sorted(loaded)[:1])  # one in practice; sorted, so that the build key is stable
 
 
 RUNTIME_SYMBOL = "_ZNKSt6locale2id5_M_idEv"  # std::locale::id::_M_id() const: libstdc++'s own, never inlined
