@@ -8,7 +8,9 @@
 - worker nodes: each in its own mount namespace (``unshare --mount``) with a private tmpfs over the
   cluster's folder, which holds the head's files, the run directory, the Ray temp dirs and the
   op's build cache, and over ``/tmp/ray``: what one node writes to disk no other node sees, and
-  every node builds the op for itself.
+  every node builds the op for itself. The nodes are CPU nodes: like a CPU node's image, which has
+  no CUDA toolkit, they compile the C++ kernels only (``CCNET_OPS_CUDA=0``), although this
+  machine's nvcc could compile the CUDA sources too (a minute more per node).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class LocalCluster:
             "AWS_ENDPOINT_URL": self.s3, "MLFLOW_S3_ENDPOINT_URL": self.s3,
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "CCNET_OPS_CACHE": str(self.base / "ops_cache"),  # private on each worker node
+            "CCNET_OPS_CUDA": "0",  # CPU nodes: the C++ kernels only
             "RAY_DEDUP_LOGS": "0",
         }
         self.procs: dict[str, subprocess.Popen] = {}
@@ -183,15 +186,16 @@ class LocalCluster:
         for name in [n for n in self.procs if n.startswith("worker")]:
             if self.procs[name].poll() is None:
                 self.kill_worker(int(name[len("worker"):]))
-        for name in ("mlflow", "head", "s3"):
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        servers = [p for p in map(self.procs.get, ("mlflow", "head", "s3")) if p is not None and p.poll() is None]
+        for proc in servers:  # all at once: each one's shutdown runs beside the others'
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        for proc in servers:
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         # the head's processes left behind (raylet, gcs, dashboard, workers) are in its session's group
         subprocess.run(["pkill", "-9", "-f", str(self.base)], check=False)
         shutil.rmtree(self.base, ignore_errors=True)
