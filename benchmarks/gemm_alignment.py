@@ -1,21 +1,29 @@
 """Does the odd leading dimension of the criss-cross GEMMs cost tensor-core speed?
 
-At the paper's shape the maps are (N, C, 97, 97): every channel holds H * W = 9409 elements, so a
-GEMM that reads a map in place has an odd leading dimension, and cuBLAS cannot take its aligned
-(16-byte) tensor-core kernels. This times the four contractions of one image as PyTorch batched
-GEMMs (cuBLAS strided-batched: the calls of our CUDA path) on views whose channel stride is
-H * W, and on the same views of maps whose channel stride is padded to a multiple of 8 elements,
-side by side (interleaved, median), and names the kernel cuBLAS chose for each. The outputs are
-contiguous in both variants: only the operands' leading dimension differs.
+At the paper's shape the maps are (N, C, 97, 97): every channel holds H * W = 9409 elements and
+every row 97, so a GEMM that reads a map in place has odd strides, and cuBLAS cannot take its
+aligned (16-byte) tensor-core kernels. This times the four contractions of one image as PyTorch
+batched GEMMs (cuBLAS strided-batched) in three layouts, side by side (interleaved, median of
+``--calls`` back-to-back calls per sample):
+
+- ``as is``: maps of (C, 97, 97), outputs and attention contiguous (channel stride 9409, batch
+  stride and leading dimensions 97);
+- ``channel``: the channel stride padded to a multiple of ``--align`` (9416), rows as they are;
+- ``aligned``: every row padded to a multiple of ``--align`` elements (97 -> 104) and the channel
+  stride with it (97 * 104): operands, attention and outputs all aligned.
+
+It prints the time of each and the full name of the kernel cuBLAS chose. The layouts are the
+contractions' shapes, not the op's exact calls (the op reads the attention and writes the
+energies in its slot map, leading dimension H * W).
 
     python -m benchmarks.gemm_alignment --dtype bfloat16 --dtype float32
 
 Contractions of one image (q, k: C' channels; v: C channels; the column ones on H/W-transposed
 copies, as the op makes them):
-    row energy       (H batches)  (W x C') @ (C' x W)
-    column energy    (W batches)  (H x C') @ (C' x H)
-    row aggregation  (H batches)  (C x W)  @ (W x W)
-    column aggregation (W batches) (C x H) @ (H x H)
+    row energy         (H batches)  (W x C') @ (C' x W)
+    column energy      (W batches)  (H x C') @ (C' x H)
+    row aggregation    (H batches)  (C x W)  @ (W x W)
+    column aggregation (W batches)  (C x H)  @ (H x H)
 """
 
 from __future__ import annotations
@@ -26,87 +34,125 @@ import statistics
 import torch
 
 
-def padded(channels: int, h: int, w: int, stride: int, dtype: torch.dtype) -> torch.Tensor:
-    """A (channels, h, w) map whose channel stride is ``stride`` (>= h * w) elements."""
-    storage = torch.randn(channels * stride, device="cuda", dtype=dtype)
-    return storage.as_strided((channels, h, w), (stride, w, 1))
+def strided(shape: tuple[int, int, int], row: int, plane: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (a, b, c) tensor with strides (plane, row, 1): its rows ``row`` >= c elements apart, its
+    planes ``plane`` >= b * row apart; the padding is never read."""
+    a, b, c = shape
+    return torch.randn(a * plane, device="cuda", dtype=dtype).as_strided(shape, (plane, row, 1))
 
 
-def contractions(cq: int, c: int, h: int, w: int, stride_hw: int, stride_wh: int, dtype: torch.dtype):
-    """The four products of one image, as closures over maps with the given channel strides."""
-    q, k, v = (padded(ch, h, w, stride_hw, dtype) for ch in (cq, cq, c))
-    qt, kt, vt = (padded(ch, w, h, stride_wh, dtype) for ch in (cq, cq, c))  # H/W-transposed copies
-    attn_row = torch.randn(h, w, w, device="cuda", dtype=dtype)
-    attn_col = torch.randn(w, h, h, device="cuda", dtype=dtype)
-    return {
-        "row energy": lambda: torch.bmm(q.permute(1, 2, 0), k.permute(1, 0, 2)),           # (H, W, W)
-        "column energy": lambda: torch.bmm(qt.permute(1, 2, 0), kt.permute(1, 0, 2)),      # (W, H, H)
-        "row aggregation": lambda: torch.bmm(v.permute(1, 0, 2), attn_row.transpose(1, 2)),    # (H, C, W)
-        "column aggregation": lambda: torch.bmm(vt.permute(1, 0, 2), attn_col.transpose(1, 2)),  # (W, C, H)
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def layouts(h: int, w: int, align: int) -> dict[str, tuple[int, int]]:
+    """(row length, plane size) of an (h, w) map in each layout."""
+    return {"as is": (w, h * w), "channel": (w, round_up(h * w, align)),
+            "aligned": (round_up(w, align), h * round_up(w, align))}
+
+
+def contractions(cq: int, c: int, h: int, w: int, layout: str, align: int, dtype: torch.dtype):
+    """The operands and output of the four products of one image in ``layout``."""
+    row, plane = layouts(h, w, align)[layout]
+    row_t, plane_t = layouts(w, h, align)[layout]
+    q, k, v = (strided((ch, h, w), row, plane, dtype) for ch in (cq, cq, c))
+    qt, kt, vt = (strided((ch, w, h), row_t, plane_t, dtype) for ch in (cq, cq, c))  # H/W-transposed copies
+    r_row = round_up(w, align) if layout == "aligned" else w  # the attention's and energies' rows
+    r_col = round_up(h, align) if layout == "aligned" else h
+    attn_row, e_row = (strided((h, w, w), r_row, w * r_row, dtype) for _ in range(2))
+    attn_col, e_col = (strided((w, h, h), r_col, h * r_col, dtype) for _ in range(2))
+    o_row = strided((h, c, w), row, c * row, dtype)       # (H, C, W)
+    o_col = strided((w, c, h), row_t, c * row_t, dtype)   # (W, C, H)
+    return {  # name: (a, b, out); the call is torch.bmm(a, b, out=out)
+        "row energy": (q.permute(1, 2, 0), k.permute(1, 0, 2), e_row),
+        "column energy": (qt.permute(1, 2, 0), kt.permute(1, 0, 2), e_col),
+        "row aggregation": (v.permute(1, 0, 2), attn_row.transpose(1, 2), o_row),
+        "column aggregation": (vt.permute(1, 0, 2), attn_col.transpose(1, 2), o_col),
     }
 
 
+def call(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
+    return lambda: torch.bmm(a, b, out=out)
+
+
 def kernel_name(fn) -> str:
+    """The name of the (first) CUDA kernel ``fn`` launches, in full."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return names[0][:60] if names else "?"
+    return " + ".join(names) if names else "?"
 
 
-def time_ms(fns: dict, warmup: int, repeat: int) -> dict[str, float]:
-    """Median time of each closure, the closures interleaved round by round."""
+def time_ms(fns: dict, warmup: int, repeat: int, calls: int) -> dict:
+    """Median time of one call of each closure: ``calls`` back-to-back calls between two events
+    per sample (the GPU stays busy), the closures interleaved sample by sample."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end))
+            samples[name].append(start.elapsed_time(end) / calls)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+LAYOUTS = ("as is", "channel", "aligned")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shape", default="64,512,97,97", help="C',C,H,W")
-    parser.add_argument("--align", type=int, default=8, help="pad the channel stride to a multiple of this")
+    parser.add_argument("--align", type=int, default=8, help="pad to a multiple of this many elements")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per timed sample")
     args = parser.parse_args(argv)
     assert torch.cuda.is_available(), "needs a CUDA device"
     # as our op's calls: no reduced-precision reduction in fp16/bf16; float32 as PyTorch's TF32 flag says
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     cq, c, h, w = map(int, args.shape.split(","))
-    hw = h * w
-    pad = -(-hw // args.align) * args.align
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; shape C'={cq} C={c} H={h} W={w}; "
-          f"channel stride {hw} against {pad}; TF32 for float32: {torch.backends.cuda.matmul.allow_tf32}")
-    print("\n| dtype | contraction | ld ms | padded ld ms | ld / padded | kernel (ld) | kernel (padded) |")
+          f"(row, channel stride) of an (H, W) map: " + ", ".join(
+              f"{name} {layouts(h, w, args.align)[name]}" for name in LAYOUTS)
+          + f"; TF32 for float32: {torch.backends.cuda.matmul.allow_tf32}")
+    print("\n| dtype | contraction | as is ms | channel ms | aligned ms | as is / channel | as is / aligned |")
     print("|---|---|---|---|---|---|---|")
+    kernels = []
     for dtype_name in args.dtype or ["bfloat16", "float32"]:
         dtype = getattr(torch, dtype_name)
-        odd = contractions(cq, c, h, w, hw, hw, dtype)
-        even = contractions(cq, c, h, w, pad, pad, dtype)
-        for name in odd:
-            assert odd[name]().shape == even[name]().shape
-        fns = {**{("odd", n): f for n, f in odd.items()}, **{("even", n): f for n, f in even.items()}}
-        times = time_ms(fns, args.warmup, args.repeat)
-        total_odd = total_even = 0.0
-        for name in odd:
-            t_odd, t_even = times[("odd", name)], times[("even", name)]
-            total_odd, total_even = total_odd + t_odd, total_even + t_even
-            print(f"| {dtype_name} | {name} | {t_odd:.4f} | {t_even:.4f} | {t_odd / t_even:.2f}x | "
-                  f"{kernel_name(odd[name])} | {kernel_name(even[name])} |")
-        print(f"| {dtype_name} | all four | {total_odd:.4f} | {total_even:.4f} | {total_odd / total_even:.2f}x | | |")
+        operands = {name: contractions(cq, c, h, w, name, args.align, dtype) for name in LAYOUTS}
+        for layout, group in operands.items():  # each call computes its product, in place in its out
+            for name, (a, b, out) in group.items():
+                torch.bmm(a, b, out=out)
+                expected = torch.bmm(a.double(), b.double())
+                assert torch.allclose(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()), \
+                    (layout, name)
+        per_layout = {layout: {name: call(*ops) for name, ops in group.items()} for layout, group in operands.items()}
+        fns = {(layout, name): fn for layout, group in per_layout.items() for name, fn in group.items()}
+        times = time_ms(fns, args.warmup, args.repeat, args.calls)
+        totals = dict.fromkeys(LAYOUTS, 0.0)
+        for name in per_layout["as is"]:
+            t = {layout: times[(layout, name)] for layout in LAYOUTS}
+            for layout in LAYOUTS:
+                totals[layout] += t[layout]
+            print(f"| {dtype_name} | {name} | {t['as is']:.4f} | {t['channel']:.4f} | {t['aligned']:.4f} | "
+                  f"{t['as is'] / t['channel']:.2f}x | {t['as is'] / t['aligned']:.2f}x |")
+            kernels += [f"- {dtype_name}, {name}, {layout}: `{kernel_name(per_layout[layout][name])}`" for layout in LAYOUTS]
+        print(f"| {dtype_name} | all four | {totals['as is']:.4f} | {totals['channel']:.4f} | {totals['aligned']:.4f} | "
+              f"{totals['as is'] / totals['channel']:.2f}x | {totals['as is'] / totals['aligned']:.2f}x |")
+    print("\nKernels (the first CUDA kernel of each call; more than one: a copy was made):\n")
+    print("\n".join(kernels))
 
 
 if __name__ == "__main__":
