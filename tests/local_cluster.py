@@ -168,6 +168,8 @@ class LocalCluster:
         its mount namespace. Returns how many there were."""
         proc = self.procs[f"worker{i}"]
         namespace = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+        if namespace == os.readlink("/proc/self/ns/mnt"):  # unshare has not made its namespace yet
+            raise RuntimeError(f"worker{i} is still in this process's mount namespace: nothing killed")
         victims = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -189,7 +191,7 @@ class LocalCluster:
                 if self.procs[name].poll() is None:
                     try:
                         self.kill_worker(int(name[len("worker"):]))
-                    except OSError:  # its namespace's first process ended meanwhile: pkill below
+                    except (OSError, RuntimeError):  # its first process ended, or never unshared: pkill below
                         pass
         finally:
             self._stop_servers()
