@@ -29,9 +29,10 @@ copies, as the op makes them):
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+
+from ops.bench import _time
 
 
 def strided(shape: tuple[int, int, int], row: int, plane: int, dtype: torch.dtype) -> torch.Tensor:
@@ -57,10 +58,9 @@ def contractions(cq: int, c: int, h: int, w: int, layout: str, align: int, dtype
     row_t, plane_t = layouts(w, h, align)[layout]
     q, k, v = (strided((ch, h, w), row, plane, dtype) for ch in (cq, cq, c))
     qt, kt, vt = (strided((ch, w, h), row_t, plane_t, dtype) for ch in (cq, cq, c))  # H/W-transposed copies
-    r_row = round_up(w, align) if layout == "aligned" else w  # the attention's and energies' rows
-    r_col = round_up(h, align) if layout == "aligned" else h
-    attn_row, e_row = (strided((h, w, w), r_row, w * r_row, dtype) for _ in range(2))
-    attn_col, e_col = (strided((w, h, h), r_col, h * r_col, dtype) for _ in range(2))
+    # the attention and the energies: rows as long as the maps' (padded only when "aligned")
+    attn_row, e_row = (strided((h, w, w), row, w * row, dtype) for _ in range(2))
+    attn_col, e_col = (strided((w, h, h), row_t, h * row_t, dtype) for _ in range(2))
     o_row = strided((h, c, w), row, c * row, dtype)       # (H, C, W)
     o_col = strided((w, c, h), row_t, c * row_t, dtype)   # (W, C, H)
     return {  # name: (a, b, out); the call is torch.bmm(a, b, out=out)
@@ -87,22 +87,10 @@ def kernel_name(fn) -> str:
 
 
 def time_ms(fns: dict, warmup: int, repeat: int, calls: int) -> dict:
-    """Median time of one call of each closure: ``calls`` back-to-back calls between two events
-    per sample (the GPU stays busy), the closures interleaved sample by sample."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end) / calls)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    """Median time of one call of each closure: ``calls`` back-to-back calls per sample (the GPU
+    stays busy), the closures interleaved (``ops.bench``'s timing)."""
+    batches = {name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in fns.items()}
+    return {name: ms / calls for name, ms in _time(batches, torch.device("cuda"), repeat, warmup).items()}
 
 
 LAYOUTS = ("as is", "channel", "aligned")

@@ -186,18 +186,16 @@ class LocalCluster:
         return len(victims)
 
     def stop(self) -> None:
-        try:
-            for name in [n for n in self.procs if n.startswith("worker")]:
-                if self.procs[name].poll() is None:
-                    try:
-                        self.kill_worker(int(name[len("worker"):]))
-                    except (OSError, RuntimeError):  # its first process ended, or never unshared: pkill below
-                        pass
-        finally:
-            self._stop_servers()
-            # the head's processes left behind (raylet, gcs, dashboard, workers) are in its session's group
-            subprocess.run(["pkill", "-9", "-f", str(self.base)], check=False)
-            shutil.rmtree(self.base, ignore_errors=True)
+        for name in [n for n in self.procs if n.startswith("worker")]:
+            if self.procs[name].poll() is None:
+                try:
+                    self.kill_worker(int(name[len("worker"):]))
+                except (OSError, RuntimeError):  # its first process ended, or never unshared: pkill below
+                    pass
+        self._stop_servers()
+        # the head's processes left behind (raylet, gcs, dashboard, workers) are in its session's group
+        subprocess.run(["pkill", "-9", "-f", str(self.base)], check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
 
     def _stop_servers(self) -> None:
         servers = [p for p in map(self.procs.get, ("mlflow", "head", "s3")) if p is not None and p.poll() is None]
