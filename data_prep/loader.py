@@ -13,6 +13,7 @@ the seed, and every epoch differs from the last.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 
 import cv2
@@ -60,12 +61,24 @@ def _split_shards(location: str, split: str, *, verify: bool = True):
     return fs, paths
 
 
-def split_dataset(location: str, split: str, *, verify: bool = True):
-    """The raw rows of a split (key, image, image_format, label, height, width)."""
+def _shard_items(location: str, paths: list[str]):
+    """One Ray Data row per shard, one block each: a task reads one shard."""
     import ray.data
 
-    fs, paths = _split_shards(location, split, verify=verify)
-    return ray.data.read_parquet(paths, filesystem=fs)
+    items = [{"shard": path, "location": location} for path in paths]
+    return ray.data.from_items(items, override_num_blocks=len(items))
+
+
+def _read_shards(batch: dict, *, rows: int, columns: list[str], transform):
+    """Shard items -> their rows in file order through ``transform``, ``rows`` at a time: a shard
+    of large images is never held decoded at once."""
+    import pyarrow.parquet as pq
+
+    for path, location in zip(batch["shard"], batch["location"]):
+        fs, _ = resolve(str(location))
+        with fs.open_input_file(str(path)) as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
+                yield transform(record_batch.to_pydict())
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -122,6 +135,14 @@ def training_dataset(location: str, split: str, *, augment: AugmentConfig, seed:
 
 
 def eval_dataset(location: str, split: str, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Rows of key, image (3, H, W) float32 normalised, label (H, W) uint8, in shard order."""
-    return split_dataset(location, split).map_batches(eval_batch, fn_kwargs={"mean": mean, "std": std},
-                                                      batch_format="numpy", batch_size=8)
+    """Rows of key, image (3, H, W) float32 normalised, label (H, W) uint8, in shard order.
+
+    One task per shard reads it with pyarrow and decodes 8 rows at a time. ``ray.data.read_parquet``
+    would list and plan the files again on every pass: a validation over a small split then took
+    5 s here instead of 0.1-0.5 s."""
+    _, paths = _split_shards(location, split)
+    ds = _shard_items(location, paths)
+    ds.context.execution_options.preserve_order = True  # this dataset only
+    decode = functools.partial(eval_batch, mean=mean, std=std)
+    return ds.map_batches(_read_shards, fn_kwargs={"rows": 8, "columns": ["key", "image", "label"], "transform": decode},
+                          batch_size=1, batch_format="numpy")

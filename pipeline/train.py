@@ -11,6 +11,7 @@ import math
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from ccnet import CCNetLoss, ConfusionMatrix, convert_sync_batchnorm, whole
@@ -166,32 +167,51 @@ def poisoned_steps(variable: str = FAULT_NONFINITE) -> set[int]:
 @torch.no_grad()
 def validate(model, shard, num_classes: int, device: torch.device, amp: str = "none",
              keep: int = 0) -> tuple[dict[str, float], list]:
-    """Whole-image mIoU over this worker's part of the validation split, all-reduced; and the
-    first ``keep`` (image, label, prediction) of the part, to draw."""
+    """Whole-image mIoU over this worker's part of the validation split, all-reduced; and, on
+    rank 0, the ``keep`` images with the lowest keys across the ranks as (RGB image, label,
+    prediction), to draw: the same images at every validation, however the parts fell.
+    Every rank must pass the same ``keep``."""
+    import torch.distributed as dist
+
+    from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    from .evaluate import denormalize
+
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
-    kept = []
-    for batch in shard.iter_torch_batches(batch_size=1, device=device):
+    kept, images = [], torch.zeros(1, dtype=torch.int64, device=device)
+    for batch in shard.iter_batches(batch_size=1, batch_format="numpy"):
+        # a column of images of several sizes comes as an array of arrays
+        image = torch.from_numpy(np.stack(list(batch["image"]))).to(device, torch.float32)
+        label = torch.from_numpy(np.stack(list(batch["label"]))).to(device)
         with autocast(amp, device):
-            logits = whole(unwrap(model), batch["image"].float()).float()
+            logits = whole(unwrap(model), image).float()
         pred = logits.argmax(1)
-        cm.update(pred, batch["label"])
-        if len(kept) < keep:
-            kept.append((batch["image"][0].cpu().numpy(), batch["label"][0].cpu().numpy(), pred[0].cpu().numpy()))
+        cm.update(pred, label)
+        images += pred.shape[0]
+        if keep:  # this rank's lowest keys: the lowest overall are among them
+            kept.append((str(batch["key"][0]), denormalize(np.asarray(batch["image"][0]), IMAGENET_MEAN, IMAGENET_STD),
+                         np.asarray(batch["label"][0]), pred[0].to(torch.uint8).cpu().numpy()))
+            kept = sorted(kept, key=lambda k: k[0])[:keep]
     cm.all_reduce()
-    return {"val_miou": cm.miou(), "val_pixel_accuracy": cm.pixel_accuracy()}, kept
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(images)
+    if keep and distributed:
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(kept, parts, dst=0)
+        kept = sorted((k for part in parts for k in part), key=lambda k: k[0])[:keep] if parts else []
+    metrics = {"val_miou": cm.miou(), "val_pixel_accuracy": cm.pixel_accuracy(), "val_images": int(images.item())}
+    return metrics, [k[1:] for k in kept]
 
 
 def overlays(kept: list, classes: list[str], palette: list, step: int) -> dict:
     """Validation overlays to log at ``step``: {key: RGB array} (image, ground truth, prediction)."""
-    from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     from . import figures
-    from .evaluate import denormalize
 
     return {f"val_overlay_{i}": figures.to_array(figures.overlay_figure(
-        denormalize(image, IMAGENET_MEAN, IMAGENET_STD), label, pred, classes, palette,
-        title=f"validation image {i}, iteration {step}")) for i, (image, label, pred) in enumerate(kept)}
+        rgb, label, pred, classes, palette, title=f"validation image {i}, iteration {step}"))
+        for i, (rgb, label, pred) in enumerate(kept)}
 
 
 def system_metrics(cfg: PipelineConfig, uri: str | None, run_id: str | None):
@@ -338,7 +358,7 @@ def run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, sca
             window, waited, tick = [], 0.0, time.perf_counter()
         if step % t.val_every == 0 or step == t.iterations:
             val, kept = validate(model, ray.train.get_dataset_shard("val"), len(classes), device,
-                                 eval_precision(cfg, device), keep=cfg.eval.overlays if rank == 0 else 0)
+                                 eval_precision(cfg, device), keep=cfg.eval.overlays)
             if kept and config.get("palette"):
                 logger.log_images(overlays(kept, classes, config["palette"], step), step)
             costs = {"step_time_s": step_seconds / max(stepped, 1), "peak_memory_gb": peak_memory_gb(device)}
@@ -407,9 +427,33 @@ def epochs_needed(cfg: PipelineConfig, train_samples: int) -> int:
     return math.ceil(cfg.train.iterations / per_epoch) + 1
 
 
+def data_config():
+    """Ray Train's data config, except that the validation split goes to the workers in parts
+    that hold every row once: Ray Train's equal parts would drop the rows that do not divide by
+    the number of workers."""
+    import ray.train
+
+    class WholeValidation(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                val = datasets["val"]
+                if val.name is None:
+                    val.set_name("val")
+                val = val.copy(val)
+                val.context.execution_options = self._resolve_execution_options("val")
+                for i, part in enumerate(val.streaming_split(world_size, equal=False)):
+                    output[i]["val"] = part
+            return output
+
+    return WholeValidation()
+
+
 def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, name: str,
-        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None):
-    """Runs (or resumes: same name and storage) the training; returns the Ray Train Result."""
+        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None, check_op: bool = True):
+    """Runs (or resumes: same name and storage) the training; returns the Ray Train Result.
+    ``check_op=False``: the caller has run ``check_attention_op`` (a search, once for its trials)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -419,13 +463,14 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
     from .storage import check_reachable
 
     check_reachable(storage)
-    check_attention_op(cfg)
+    if check_op:
+        check_attention_op(cfg)
     t = cfg.train
     augment = AugmentConfig(crop=t.crop, scale=(t.scale_min, t.scale_max), flip=t.flip, jitter=t.jitter)
     n_train = manifest["splits"][cfg.data.train_split]["samples"]
     train_ds = training_dataset(prepared, cfg.data.train_split, augment=augment, seed=t.seed, epoch=0,
                                 epochs=epochs_needed(cfg, n_train)).select_columns(["image", "label"])
-    val_ds = eval_dataset(prepared, cfg.data.val_split).select_columns(["image", "label"])
+    val_ds = eval_dataset(prepared, cfg.data.val_split)  # the keys choose the images drawn
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
     trainer = TorchTrainer(
@@ -435,7 +480,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",

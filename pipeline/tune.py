@@ -55,6 +55,18 @@ def apply(cfg: PipelineConfig, params: dict) -> PipelineConfig:
     return dataclasses.replace(cfg, train=train, model=model)
 
 
+def op_check_config(cfg: PipelineConfig) -> PipelineConfig | None:
+    """A config whose model calls the attention op, when some trial's does; else None."""
+    from .checkpoint import uses_attention_op
+
+    t = cfg.tune
+    if t.variants:
+        trials = [apply(cfg, {"variant": v, "seed": cfg.train.seed}) for v in t.variants]
+    else:
+        trials = [dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, recurrence=r)) for r in t.recurrence]
+    return next((c for c in trials if uses_attention_op(c)), None)
+
+
 def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: PipelineConfig, params: dict) -> str:
     """The trial's nested MLflow run (reused when a resumed search restarts the trial)."""
     from mlflow.entities import Param
@@ -88,7 +100,7 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
     name = f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}"
     run_id = trial_run(uri, parent_id, ctx.get_trial_id(), ctx.get_trial_name(), cfg, params)
     result = fit(cfg, prepared, manifest, storage=storage, name=name, tracking_uri=uri, run_id=run_id,
-                 callbacks=[TuneReportCallback()])
+                 callbacks=[TuneReportCallback()], check_op=False)  # checked once, by the search
     if result.error:
         raise result.error
 
@@ -138,7 +150,7 @@ def search(cfg: PipelineConfig) -> dict:
     from .run import absolute_run_dir, preflight
     from .storage import join
     from .tracking import client, parent_run, tracking_uri
-    from .train import storage_for
+    from .train import check_attention_op, storage_for
 
     cfg = absolute_run_dir(cfg)
     uri, key = tracking_uri(cfg), step_keys(cfg)["tune"]
@@ -147,6 +159,8 @@ def search(cfg: PipelineConfig) -> dict:
     parent_id = parent_run(cfg, uri, key)
     client(uri).set_tag(parent_id, "pipeline.kind", "tune")
     prepared = run_dag(cfg, {"uri": uri, "run_id": parent_id}, only="prepare")["prepare"]["prepared"]
+    if (op_cfg := op_check_config(cfg)) is not None:  # the kernels build where workers run: once, not per trial
+        check_attention_op(op_cfg)
     storage, name = storage_for(cfg), f"tune-{key}"
     trainable = tune.with_parameters(trial, base=to_dict(cfg), prepared=prepared, manifest=load_manifest(prepared),
                                      uri=uri, parent_id=parent_id, storage=storage)
@@ -270,17 +284,18 @@ def register_best(cfg: PipelineConfig, best, uri: str, parent_id: str, prepared:
     from .tracking import client
     from .train import storage_for
 
-    local = tempfile.mkdtemp(prefix="ccnet-best-")
     fs, _ = resolve(storage_for(cfg))  # the trainer reports the path bare, on the search's storage
-    ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(local)
     client(uri).log_metric(parent_id, "best_val_miou", best.metrics["val_miou"])
     manifest = read_manifest(prepared)
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
-    reg = register_model(uri=uri, run_id=parent_id, checkpoint=local,
-                         model_name=cfg.tracking.model_name or model_name_for(cfg.data, manifest),
-                         alias=cfg.tracking.alias, miou=best.metrics["val_miou"],
-                         protocol=protocol(cfg, manifest, cfg.data.val_split, eval_precision(cfg, device), "whole"),
-                         classes=manifest["classes"])
+    with tempfile.TemporaryDirectory(prefix="ccnet-best-") as local:  # the model's files are logged from it
+        ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(local)
+        reg = register_model(uri=uri, run_id=parent_id, checkpoint=local,
+                             model_name=cfg.tracking.model_name or model_name_for(cfg.data, manifest),
+                             alias=cfg.tracking.alias, miou=best.metrics["val_miou"],
+                             protocol=protocol(cfg, manifest, cfg.data.val_split, eval_precision(cfg, device),
+                                               "whole"),
+                             classes=manifest["classes"])
     return {"params": best.config, "val_miou": best.metrics["val_miou"], **reg}
 
 

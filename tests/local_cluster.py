@@ -125,7 +125,8 @@ class LocalCluster:
         wait_until(lambda: http_ok(f"{self.dashboard}/api/version", self.env["RAY_AUTH_TOKEN"]), "the Ray head", proc=head, log=self.log("head"))
         mlflow = self._start("mlflow", ["mlflow", "server", "--backend-store-uri", f"sqlite:///{self.base / 'mlflow.db'}",
                                         "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts",
-                                        "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "1"])
+                                        "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "1"],
+                             env=self.env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as cluster.yaml
         for i in (1, 2):
             self.start_worker(i)
         wait_until(lambda: http_ok(f"{self.tracking_uri}/health"), "the MLflow server", proc=mlflow,

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_overrides(tmp: Path) -> list[str]:
-    return tiny_overrides(tmp) + ["train.iterations=40", "train.val_every=20", "eval.overlays=2",
-                                  "tracking.system_metrics_every=1"]
+    # 9 validation images for 2 workers: a split that does not divide (every image is still validated)
+    return tiny_overrides(tmp) + ["data.synthetic_val=9", "train.iterations=40", "train.val_every=20",
+                                  "eval.overlays=2", "tracking.system_metrics_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,8 @@ def test_default_dag_trains_evaluates_and_registers(pipeline_run):
     assert steps(client, run_id, "loss") == list(range(5, 41, 5))  # each step once
     for key in ("loss_aux", "lr", "images_per_s_per_worker", "val_miou", "data_train_samples"):
         assert client.get_metric_history(run_id, key), key
+    # each validation saw all 9 images, though they do not divide between the 2 workers
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_images")) == [(20, 9), (40, 9)]
     run = client.get_run(run_id)
     assert run.data.params["model.recurrence"] == "2" and run.data.params["train.iterations"] == "40"
     assert run.data.tags["pipeline.step"] == "train" and run.info.status == "FINISHED"
@@ -102,7 +105,7 @@ def test_mlflow_shows_datasets_system_metrics_figures_and_source(pipeline_run):
     inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
               for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "validation"}
-    for context, split, count in (("training", "train", 32), ("validation", "val", 8)):
+    for context, split, count in (("training", "train", 32), ("validation", "val", 9)):
         ds = inputs[context]
         shards = manifest["splits"][split]["shards"]
         assert ds.digest == hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
@@ -153,7 +156,7 @@ def test_evaluation_matches_an_independent_count(pipeline_run):
     _, results, _, _ = pipeline_run
     metrics = json.loads((Path(results["evaluate"]["evaluation"]) / "metrics.json").read_text())
     mat = np.array(metrics["confusion"], dtype=float)
-    assert mat.sum() == 8 * 64 * 64  # every validation pixel (the synthetic labels have no 255)
+    assert mat.sum() == 9 * 64 * 64  # every validation pixel (the synthetic labels have no 255)
     tp, union = np.diag(mat), mat.sum(0) + mat.sum(1) - np.diag(mat)
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
     assert abs(np.nanmean(iou) - metrics["miou"]) < 1e-9

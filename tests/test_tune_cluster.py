@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,12 @@ def test_small_search_with_asha(ray_cluster, tmp_path):
         "tune.lr_min=1e-6", "tune.lr_max=0.1", "tune.recurrence=[2]",  # lr from useless to brisk: trials differ
         "tune.grace_period=1", "tune.reduction_factor=2", "tracking.model_name=ccnet_tuned",
         f"ray_address={ray_cluster}"]
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("ccnet-*"))
     proc = subprocess.run([sys.executable, "-c", SEARCH, json.dumps(overrides)], cwd=ROOT, capture_output=True,
                           text=True, timeout=800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(temp.glob("ccnet-*")) <= before  # the best trial's download is removed once registered
     summary = json.loads(proc.stdout.split("SUMMARY ", 1)[1])
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["error"] is None for t in trials)
@@ -189,3 +193,17 @@ def test_ablation_grid_and_table():
     assert rows["r0"]["step_time_std"] == rows["r0"]["peak_memory_std"] == 0.0
     assert "| r2 | 0,1,2 | 0.803 ± 0.075 | 0.880, 0.730, 0.800 | 0.200 ± 0.100 | 2.00 ± 1.00 |" in format_ablation(
         list(rows.values()))
+
+
+def test_search_checks_the_op_once_with_a_trial_that_uses_it():
+    """The search checks the kernels before its trials (which then skip the check), with a config
+    whose model calls the op when any trial's does, and not at all when none does."""
+    from pipeline.config import load_config
+    from pipeline.tune import op_check_config
+
+    ablation = load_config("ablation")
+    assert op_check_config(ablation).model.recurrence >= 1 and op_check_config(ablation).model.attention == "cca"
+    assert op_check_config(load_config("ablation", ["tune.variants=[r0,non_local]"])) is None
+    assert op_check_config(load_config(None, ["tune.recurrence=[0]"])) is None
+    assert op_check_config(load_config(None, ["tune.recurrence=[0,2]"])).model.recurrence == 2
+    assert op_check_config(load_config(None, ["tune.recurrence=[2]", "model.attention=non_local"])) is None
