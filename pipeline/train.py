@@ -427,10 +427,11 @@ def epochs_needed(cfg: PipelineConfig, train_samples: int) -> int:
     return math.ceil(cfg.train.iterations / per_epoch) + 1
 
 
-def data_config():
+def data_config(cpus: float | None = None):
     """Ray Train's data config, except that the validation split goes to the workers in parts
     that hold every row once: Ray Train's equal parts would drop the rows that do not divide by
-    the number of workers."""
+    the number of workers. ``cpus``: the most CPUs this training's Ray Data may use (a search's
+    trials at once: each has its own, none starves another); None: what the cluster has free."""
     import ray.train
 
     class WholeValidation(ray.train.DataConfig):
@@ -447,13 +448,19 @@ def data_config():
                     output[i]["val"] = part
             return output
 
-    return WholeValidation()
+    options = None
+    if cpus is not None:
+        options = ray.train.DataConfig.default_ingest_options()
+        options.resource_limits = options.resource_limits.copy(cpu=cpus)
+    return WholeValidation(execution_options=options)
 
 
 def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, name: str,
-        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None, check_op: bool = True):
+        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None, check_op: bool = True,
+        data_cpus: float | None = None):
     """Runs (or resumes: same name and storage) the training; returns the Ray Train Result.
-    ``check_op=False``: the caller has run ``check_attention_op`` (a search, once for its trials)."""
+    ``check_op=False``: the caller has run ``check_attention_op`` (a search, once for its trials).
+    ``data_cpus``: the most CPUs its Ray Data may use (``data_config``)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -480,7 +487,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
-        datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(),
+        datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(data_cpus),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",

@@ -100,7 +100,8 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
     name = f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}"
     run_id = trial_run(uri, parent_id, ctx.get_trial_id(), ctx.get_trial_name(), cfg, params)
     result = fit(cfg, prepared, manifest, storage=storage, name=name, tracking_uri=uri, run_id=run_id,
-                 callbacks=[TuneReportCallback()], check_op=False)  # checked once, by the search
+                 callbacks=[TuneReportCallback()], check_op=False,  # checked once, by the search
+                 data_cpus=cfg.tune.data_cpus)
     if result.error:
         raise result.error
 
@@ -118,12 +119,13 @@ def concurrency(cfg: PipelineConfig, total: dict[str, float] | None = None) -> i
         return cfg.tune.max_concurrent or cfg.tune.num_samples
     total = ray.cluster_resources() if total is None else total  # the local Ray's logical resources
     s = cfg.scaling
-    trial = s.num_workers * s.cpus_per_worker + TRIAL_CPUS + 1  # workers, the trial itself, Ray Data
+    data = max(cfg.tune.data_cpus, 1.0)  # a Ray Data task takes a whole CPU
+    trial = s.num_workers * s.cpus_per_worker + TRIAL_CPUS + data  # workers, the trial itself, Ray Data
     if total.get("CPU", 0) < trial:
         # Ray Data needs a whole free CPU beside a trial's reservations, or the trial's fit waits forever
         raise ConfigError(
             f"a trial needs {trial:g} CPUs on this local Ray ({s.num_workers} workers x {s.cpus_per_worker:g}, "
-            f"{TRIAL_CPUS:g} for the trial itself and 1 for Ray Data), which has {total.get('CPU', 0):g}: set "
+            f"{TRIAL_CPUS:g} for the trial itself and {data:g} for Ray Data), which has {total.get('CPU', 0):g}: set "
             f"num_cpus={math.ceil(trial)} (Ray's logical CPUs may exceed the cores), or lower "
             "scaling.num_workers or scaling.cpus_per_worker")
     fit = max(1, math.floor(total.get("CPU", 0) / trial + 1e-9))  # trials whose data still gets a CPU

@@ -152,7 +152,8 @@ def assert_steps_once(client, run_id: str, iterations: int, val_every: int) -> N
 
 # --- 1. a training worker killed -------------------------------------------------------------
 
-WORKER_LOSS = ["train.iterations=120", "train.val_every=40", "train.max_failures=2", "train.seed=11"]
+# 160 iterations: after the first checkpoint (40), time to see it and inject the fault before the end
+WORKER_LOSS = ["train.iterations=160", "train.val_every=40", "train.max_failures=2", "train.seed=11"]
 
 
 def test_training_survives_a_killed_worker(ray_cluster, workdir):
@@ -172,13 +173,13 @@ def test_training_survives_a_killed_worker(ray_cluster, workdir):
     assert len(restarts) == 2 and restarts[0] == 0, restarts
     assert restarts[1] >= kept_at and restarts[1] % 40 == 0, (restarts, kept_at)  # no checkpoint lost
     assert f"resumed from the checkpoint of iteration {restarts[1]}" in out
-    assert_steps_once(client, run_id, 120, 40)
+    assert_steps_once(client, run_id, 160, 40)
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
 # --- 2. the driver killed and started again ------------------------------------------------------
 
-DRIVER_LOSS = ["train.iterations=120", "train.val_every=40", "train.seed=12"]
+DRIVER_LOSS = ["train.iterations=160", "train.val_every=40", "train.seed=12"]
 
 
 def test_rerun_after_a_killed_driver_resumes_training(ray_cluster, workdir):
@@ -206,12 +207,12 @@ def test_rerun_after_a_killed_driver_resumes_training(ray_cluster, workdir):
     assert resumed >= kept_at and resumed % 40 == 0, (resumed, kept_at)
     assert "prepare: skipped (complete)" in out
     assert "Reporting training result" not in out  # Ray Train's per-report lines stay off the console
-    assert f"train: resumed from the checkpoint of iteration {resumed} to 120 (attempt 0" in out
+    assert f"train: resumed from the checkpoint of iteration {resumed} to 160 (attempt 0" in out
     client, same_run = mlflow_run(workdir, DRIVER_LOSS)
     assert same_run == run_id  # the same MLflow run goes on
     assert steps(client, run_id, "num_workers") == [0, resumed]
     assert steps(client, run_id, "loss")[:len(logged_before)] == logged_before
-    assert_steps_once(client, run_id, 120, 40)
+    assert_steps_once(client, run_id, 160, 40)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["command"] == shlex.join(["python", "-m", "pipeline.run", *cmd[3:]])
