@@ -144,5 +144,5 @@ def eval_dataset(location: str, split: str, *, mean=IMAGENET_MEAN, std=IMAGENET_
     ds = _shard_items(location, paths)
     ds.context.execution_options.preserve_order = True  # this dataset only
     decode = functools.partial(eval_batch, mean=mean, std=std)
-    return ds.map_batches(_read_shards, fn_kwargs={"rows": 8, "columns": ["key", "image", "label"], "transform": decode},
-                          batch_size=1, batch_format="numpy")
+    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy",
+                          fn_kwargs={"rows": 8, "columns": ["key", "image", "label"], "transform": decode})

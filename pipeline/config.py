@@ -139,9 +139,6 @@ class TuneConfig:
     grace_period: int = 1  # ASHA: validations before a trial may be stopped
     reduction_factor: int = 2
     seed: int = 0
-    # CPUs each trial's Ray Data may use (decoding, augmentation): trials at once each have theirs,
-    # so that one trial's data never takes the CPUs another's waits for; raise it for GPU trials
-    data_cpus: float = 1.0
 
 
 @dataclasses.dataclass

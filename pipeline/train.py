@@ -189,8 +189,10 @@ def validate(model, shard, num_classes: int, device: torch.device, amp: str = "n
         pred = logits.argmax(1)
         cm.update(pred, label)
         images += pred.shape[0]
-        if keep:  # this rank's lowest keys: the lowest overall are among them
-            kept.append((str(batch["key"][0]), denormalize(np.asarray(batch["image"][0]), IMAGENET_MEAN, IMAGENET_STD),
+        key = str(batch["key"][0])
+        # this rank's lowest keys: the lowest overall are among them
+        if keep and (len(kept) < keep or key < kept[-1][0]):
+            kept.append((key, denormalize(np.asarray(batch["image"][0]), IMAGENET_MEAN, IMAGENET_STD),
                          np.asarray(batch["label"][0]), pred[0].to(torch.uint8).cpu().numpy()))
             kept = sorted(kept, key=lambda k: k[0])[:keep]
     cm.all_reduce()
@@ -358,7 +360,7 @@ def run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, sca
             window, waited, tick = [], 0.0, time.perf_counter()
         if step % t.val_every == 0 or step == t.iterations:
             val, kept = validate(model, ray.train.get_dataset_shard("val"), len(classes), device,
-                                 eval_precision(cfg, device), keep=cfg.eval.overlays)
+                                 eval_precision(cfg, device), keep=cfg.eval.overlays if config.get("palette") else 0)
             if kept and config.get("palette"):
                 logger.log_images(overlays(kept, classes, config["palette"], step), step)
             costs = {"step_time_s": step_seconds / max(stepped, 1), "peak_memory_gb": peak_memory_gb(device)}
@@ -427,11 +429,10 @@ def epochs_needed(cfg: PipelineConfig, train_samples: int) -> int:
     return math.ceil(cfg.train.iterations / per_epoch) + 1
 
 
-def data_config(cpus: float | None = None):
+def data_config():
     """Ray Train's data config, except that the validation split goes to the workers in parts
     that hold every row once: Ray Train's equal parts would drop the rows that do not divide by
-    the number of workers. ``cpus``: the most CPUs this training's Ray Data may use (a search's
-    trials at once: each has its own, none starves another); None: what the cluster has free."""
+    the number of workers (the parts are balanced by blocks, not rows)."""
     import ray.train
 
     class WholeValidation(ray.train.DataConfig):
@@ -443,24 +444,17 @@ def data_config(cpus: float | None = None):
                 if val.name is None:
                     val.set_name("val")
                 val = val.copy(val)
-                val.context.execution_options = self._resolve_execution_options("val")
+                val.context.execution_options = ray.train.DataConfig.default_ingest_options()
                 for i, part in enumerate(val.streaming_split(world_size, equal=False)):
                     output[i]["val"] = part
             return output
 
-    options = None
-    if cpus is not None:
-        options = ray.train.DataConfig.default_ingest_options()
-        options.resource_limits = options.resource_limits.copy(cpu=cpus)
-    return WholeValidation(execution_options=options)
+    return WholeValidation()
 
 
 def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, name: str,
-        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None, check_op: bool = True,
-        data_cpus: float | None = None):
-    """Runs (or resumes: same name and storage) the training; returns the Ray Train Result.
-    ``check_op=False``: the caller has run ``check_attention_op`` (a search, once for its trials).
-    ``data_cpus``: the most CPUs its Ray Data may use (``data_config``)."""
+        tracking_uri: str | None, run_id: str | None, callbacks: list | None = None):
+    """Runs (or resumes: same name and storage) the training; returns the Ray Train Result."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -470,8 +464,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
     from .storage import check_reachable
 
     check_reachable(storage)
-    if check_op:
-        check_attention_op(cfg)
+    check_attention_op(cfg)
     t = cfg.train
     augment = AugmentConfig(crop=t.crop, scale=(t.scale_min, t.scale_max), flip=t.flip, jitter=t.jitter)
     n_train = manifest["splits"][cfg.data.train_split]["samples"]
@@ -487,7 +480,7 @@ def fit(cfg: PipelineConfig, prepared: str, manifest: dict, *, storage: str, nam
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
-        datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(data_cpus),
+        datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",

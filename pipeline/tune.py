@@ -55,18 +55,6 @@ def apply(cfg: PipelineConfig, params: dict) -> PipelineConfig:
     return dataclasses.replace(cfg, train=train, model=model)
 
 
-def op_check_config(cfg: PipelineConfig) -> PipelineConfig | None:
-    """A config whose model calls the attention op, when some trial's does; else None."""
-    from .checkpoint import uses_attention_op
-
-    t = cfg.tune
-    if t.variants:
-        trials = [apply(cfg, {"variant": v, "seed": cfg.train.seed}) for v in t.variants]
-    else:
-        trials = [dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, recurrence=r)) for r in t.recurrence]
-    return next((c for c in trials if uses_attention_op(c)), None)
-
-
 def trial_run(uri: str, parent_id: str, trial_id: str, trial_name: str, cfg: PipelineConfig, params: dict) -> str:
     """The trial's nested MLflow run (reused when a resumed search restarts the trial)."""
     from mlflow.entities import Param
@@ -100,8 +88,7 @@ def trial(params: dict, *, base: dict, prepared: str, manifest: dict, uri: str, 
     name = f"{ctx.get_experiment_name()}-{ctx.get_trial_id()}"
     run_id = trial_run(uri, parent_id, ctx.get_trial_id(), ctx.get_trial_name(), cfg, params)
     result = fit(cfg, prepared, manifest, storage=storage, name=name, tracking_uri=uri, run_id=run_id,
-                 callbacks=[TuneReportCallback()], check_op=False,  # checked once, by the search
-                 data_cpus=cfg.tune.data_cpus)
+                 callbacks=[TuneReportCallback()])
     if result.error:
         raise result.error
 
@@ -119,13 +106,12 @@ def concurrency(cfg: PipelineConfig, total: dict[str, float] | None = None) -> i
         return cfg.tune.max_concurrent or cfg.tune.num_samples
     total = ray.cluster_resources() if total is None else total  # the local Ray's logical resources
     s = cfg.scaling
-    data = max(cfg.tune.data_cpus, 1.0)  # a Ray Data task takes a whole CPU
-    trial = s.num_workers * s.cpus_per_worker + TRIAL_CPUS + data  # workers, the trial itself, Ray Data
+    trial = s.num_workers * s.cpus_per_worker + TRIAL_CPUS + 1  # workers, the trial itself, Ray Data
     if total.get("CPU", 0) < trial:
         # Ray Data needs a whole free CPU beside a trial's reservations, or the trial's fit waits forever
         raise ConfigError(
             f"a trial needs {trial:g} CPUs on this local Ray ({s.num_workers} workers x {s.cpus_per_worker:g}, "
-            f"{TRIAL_CPUS:g} for the trial itself and {data:g} for Ray Data), which has {total.get('CPU', 0):g}: set "
+            f"{TRIAL_CPUS:g} for the trial itself and 1 for Ray Data), which has {total.get('CPU', 0):g}: set "
             f"num_cpus={math.ceil(trial)} (Ray's logical CPUs may exceed the cores), or lower "
             "scaling.num_workers or scaling.cpus_per_worker")
     fit = max(1, math.floor(total.get("CPU", 0) / trial + 1e-9))  # trials whose data still gets a CPU
@@ -152,7 +138,7 @@ def search(cfg: PipelineConfig) -> dict:
     from .run import absolute_run_dir, preflight
     from .storage import join
     from .tracking import client, parent_run, tracking_uri
-    from .train import check_attention_op, storage_for
+    from .train import storage_for
 
     cfg = absolute_run_dir(cfg)
     uri, key = tracking_uri(cfg), step_keys(cfg)["tune"]
@@ -161,8 +147,6 @@ def search(cfg: PipelineConfig) -> dict:
     parent_id = parent_run(cfg, uri, key)
     client(uri).set_tag(parent_id, "pipeline.kind", "tune")
     prepared = run_dag(cfg, {"uri": uri, "run_id": parent_id}, only="prepare")["prepare"]["prepared"]
-    if (op_cfg := op_check_config(cfg)) is not None:  # the kernels build where workers run: once, not per trial
-        check_attention_op(op_cfg)
     storage, name = storage_for(cfg), f"tune-{key}"
     trainable = tune.with_parameters(trial, base=to_dict(cfg), prepared=prepared, manifest=load_manifest(prepared),
                                      uri=uri, parent_id=parent_id, storage=storage)

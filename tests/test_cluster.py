@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -90,20 +91,23 @@ def test_job_from_a_laptop_runs_on_nodes_that_share_no_disk_and_survives_a_lost_
         loss = steps(client, runs[0].info.run_id, "loss") if runs else []
         return (runs[0].info.run_id, kept) if loss and loss[-1] > kept else None
 
-    log = c.base / "laptop_job.log"
-    cmd = ["ray", "job", "submit", f"--address={c.dashboard}", f"--working-dir={ROOT}", "--",
-           "python", "-m", "pipeline.run", *overrides(c, LOST), "ray_address=auto"]
-    job = subprocess.Popen(cmd, env=c.env, cwd=c.base, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    log, submission = c.base / "laptop_job.log", f"ccnet-{uuid.uuid4().hex[:8]}"
+    cmd = ["ray", "job", "submit", f"--address={c.dashboard}", f"--submission-id={submission}",
+           f"--working-dir={ROOT}", "--", "python", "-m", "pipeline.run", *overrides(c, LOST), "ray_address=auto"]
+    with log.open("w") as sink:
+        job = subprocess.Popen(cmd, env=c.env, cwd=c.base, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
         run_id, kept_at = wait_until(training_past_a_committed_checkpoint, "training past a committed checkpoint",
-                                     timeout=600, proc=job, log=log)
+                                     timeout=400, proc=job, log=log)
         assert c.kill_worker(1) >= 2  # the raylet and at least one worker process
         time.sleep(3)
         c.start_worker(1)
-        job.wait(timeout=900)
+        job.wait(timeout=600)
     finally:
-        if job.poll() is None:
+        if job.poll() is None:  # the client only: the job itself would go on training on the cluster
             job.kill()
+            subprocess.run(["ray", "job", "stop", f"--address={c.dashboard}", submission], env=c.env,
+                           capture_output=True, timeout=120)
     out = log.read_text()
     assert job.returncode == 0 and "succeeded" in out, out[-5000:]
     assert "[train] 2 workers on 2 node(s)" in out, out[-5000:]
@@ -197,12 +201,13 @@ def test_registered_model_loads_on_another_node(cluster):
 def test_tune_runs_trials_at_once_on_the_cluster(cluster):
     """tune.max_concurrent=2 is the only limit: two trials, each a one-worker trainer that asks for
     its own resources, train at the same time (their MLflow runs overlap). 40 iterations: each
-    trial trains for longer than the trials' start-ups lag one another here (about 13 s); no ASHA
+    trial trains for longer than the trials' start-ups lag one another here (13-19 s); no ASHA
     rung before the end (grace period 4 of 4 validations), so both train to the end."""
     c = cluster
     cmd = [sys.executable, "-m", "pipeline.tune", *overrides(c, [
         "train.iterations=40", "train.val_every=10", "scaling.num_workers=1", "scaling.placement_strategy=PACK",
         "tune.num_samples=2", "tune.max_concurrent=2", "tune.recurrence=[1]", "tune.grace_period=4",
+
         "tracking.model_name=ccnet_cluster_tuned"]), f"ray_address={c.gcs}"]
     proc = subprocess.run(cmd, env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

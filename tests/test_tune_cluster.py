@@ -193,17 +193,3 @@ def test_ablation_grid_and_table():
     assert rows["r0"]["step_time_std"] == rows["r0"]["peak_memory_std"] == 0.0
     assert "| r2 | 0,1,2 | 0.803 ± 0.075 | 0.880, 0.730, 0.800 | 0.200 ± 0.100 | 2.00 ± 1.00 |" in format_ablation(
         list(rows.values()))
-
-
-def test_search_checks_the_op_once_with_a_trial_that_uses_it():
-    """The search checks the kernels before its trials (which then skip the check), with a config
-    whose model calls the op when any trial's does, and not at all when none does."""
-    from pipeline.config import load_config
-    from pipeline.tune import op_check_config
-
-    ablation = load_config("ablation")
-    assert op_check_config(ablation).model.recurrence >= 1 and op_check_config(ablation).model.attention == "cca"
-    assert op_check_config(load_config("ablation", ["tune.variants=[r0,non_local]"])) is None
-    assert op_check_config(load_config(None, ["tune.recurrence=[0]"])) is None
-    assert op_check_config(load_config(None, ["tune.recurrence=[0,2]"])).model.recurrence == 2
-    assert op_check_config(load_config(None, ["tune.recurrence=[2]", "model.attention=non_local"])) is None
