@@ -138,8 +138,8 @@ def eval_dataset(location: str, split: str, *, mean=IMAGENET_MEAN, std=IMAGENET_
     """Rows of key, image (3, H, W) float32 normalised, label (H, W) uint8, in shard order.
 
     One task per shard reads it with pyarrow and decodes 8 rows at a time. ``ray.data.read_parquet``
-    would list and plan the files again on every pass: a validation over a small split then took
-    5 s here instead of 0.1-0.5 s."""
+    would list and plan the files again on every pass: a pass over 8 images of 64 px took 3.5-9.6 s
+    with it here, and 0.06-0.5 s without (README, "Feeding training")."""
     _, paths = _split_shards(location, split)
     ds = _shard_items(location, paths)
     ds.context.execution_options.preserve_order = True  # this dataset only

@@ -103,11 +103,14 @@ def test_job_from_a_laptop_runs_on_nodes_that_share_no_disk_and_survives_a_lost_
         time.sleep(3)
         c.start_worker(1)
         job.wait(timeout=600)
-    finally:
-        if job.poll() is None:  # the client only: the job itself would go on training on the cluster
-            job.kill()
+    except BaseException:  # killing the client leaves the job training on the cluster: stop it too
+        job.kill()
+        try:
             subprocess.run(["ray", "job", "stop", f"--address={c.dashboard}", submission], env=c.env,
                            capture_output=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        raise
     out = log.read_text()
     assert job.returncode == 0 and "succeeded" in out, out[-5000:]
     assert "[train] 2 workers on 2 node(s)" in out, out[-5000:]
@@ -207,7 +210,6 @@ def test_tune_runs_trials_at_once_on_the_cluster(cluster):
     cmd = [sys.executable, "-m", "pipeline.tune", *overrides(c, [
         "train.iterations=40", "train.val_every=10", "scaling.num_workers=1", "scaling.placement_strategy=PACK",
         "tune.num_samples=2", "tune.max_concurrent=2", "tune.recurrence=[1]", "tune.grace_period=4",
-
         "tracking.model_name=ccnet_cluster_tuned"]), f"ray_address={c.gcs}"]
     proc = subprocess.run(cmd, env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
