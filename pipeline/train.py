@@ -361,7 +361,7 @@ def run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, sca
         if step % t.val_every == 0 or step == t.iterations:
             val, kept = validate(model, ray.train.get_dataset_shard("val"), len(classes), device,
                                  eval_precision(cfg, device), keep=cfg.eval.overlays if config.get("palette") else 0)
-            if kept and config.get("palette"):
+            if kept:  # only with a palette to draw in
                 logger.log_images(overlays(kept, classes, config["palette"], step), step)
             costs = {"step_time_s": step_seconds / max(stepped, 1), "peak_memory_gb": peak_memory_gb(device)}
             logger.log(val | costs, step)
