@@ -48,6 +48,28 @@ def signature():
                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
 
 
+# what loading and serving the model imports (the project pulls in its own dependencies)
+SERVING_PACKAGES = ("ccnet", "torch", "numpy", "mlflow", "cloudpickle")
+
+
+def serving_requirements() -> list[str]:
+    """The model's pip requirements: SERVING_PACKAGES at the versions that logged it (the public
+    version: ``2.14.1``, not ``2.14.1+cu130``, so a CPU or another CUDA build of the same release
+    serves it). Listed rather than inferred: MLflow's inference loads the model in a subprocess,
+    seconds per registration, and it found pieces of CUDA wheels but not torch itself. The project
+    is left out when it runs from a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in SERVING_PACKAGES:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            if name != "ccnet":
+                raise
+    return pins
+
+
 def register_model(*, uri: str, run_id: str, checkpoint: str | Path, model_name: str, alias: str,
                    miou: float, protocol: str, classes: list[str], input_size: int = 64) -> dict:
     """Logs the pyfunc (its checkpoint without optimizer state) to ``run_id``, registers a
@@ -69,7 +91,8 @@ def register_model(*, uri: str, run_id: str, checkpoint: str | Path, model_name:
         warnings.simplefilter("ignore")  # cloudpickle's advice: the class is ours
         served = for_serving(checkpoint, tmp)
         info = mlflow.pyfunc.log_model(name="model", python_model=CCNetPyfunc(), artifacts={"checkpoint": str(served)},
-                                       signature=signature(), input_example=example)
+                                       signature=signature(), input_example=example,
+                                       pip_requirements=serving_requirements())
     ensure_registered(client, model_name, f"CCNet for {len(classes)} classes: {', '.join(classes[:30])}")
     version = client.create_model_version(model_name, info.model_uri, run_id=run_id, model_id=info.model_id,
                                           tags={METRIC_TAG: f"{miou:.6f}", PROTOCOL_TAG: protocol,

@@ -18,10 +18,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])]
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the session's Ray (``ray_cluster``: data preparation, pipeline runs,
     faults, searches) is ``slow``, as are those marked so by hand (the cluster on one machine, the
-    long op checks): ``pytest -m "not slow"`` is the everyday lane, ``pytest`` everything."""
+    long op checks): ``pytest -m "not slow"`` is the everyday lane, ``pytest`` everything.
+
+    The modules that use the session's Ray run last, in their usual order, so that it starts once
+    and does not idle beside the tests that need the CPUs to themselves. A module moves whole:
+    its module-scoped fixtures are set up once."""
+    uses_ray = set()
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+            uses_ray.add(getattr(item, "module", None))
+    items.sort(key=lambda item: getattr(item, "module", None) in uses_ray)  # a stable sort: the order within each part stays
 
 
 def sample_inputs(
@@ -56,11 +63,13 @@ def sample_inputs(
     return make(Cq), make(Cq), make(C)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray instance per test module, started as the pipeline starts it (``init_ray``:
+    """One local Ray instance for the session, started as the pipeline starts it (``init_ray``:
     every server on 127.0.0.1, the dashboard too, the CCNET_* variables forwarded); yields its
-    address. The module's tests share it, and each module's driver connection starts fresh.
+    address. Every test that runs on Ray shares it: runs in this process use its driver, the
+    ``python -m pipeline...`` processes a test starts join it with ``ray_address=`` (each such
+    driver forwards its own CCNET_* variables to its workers).
 
     4 CPUs declared on this 2-core machine: training workers and Ray Data then both get slots.
     """

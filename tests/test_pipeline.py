@@ -145,6 +145,12 @@ def test_mlflow_shows_datasets_system_metrics_figures_and_source(pipeline_run):
     ckpt = torch.load(next(served.rglob("checkpoint.pt")), weights_only=True)
     assert ckpt["optimizer"] is None and ckpt["scheduler"] is None
     assert ckpt["classes"] == manifest["classes"] and ckpt["config"]["model"]["recurrence"] == 2 and ckpt["model"]
+    # what serving it needs, pinned to the release that logged it: torch among them
+    from importlib.metadata import version
+
+    requirements = (served / "requirements.txt").read_text().split()
+    assert f"torch=={version('torch').split('+')[0]}" in requirements, requirements
+    assert f"mlflow=={version('mlflow')}" in requirements and f"ccnet=={version('ccnet')}" in requirements
     training = torch.load(Path(results["train"]["checkpoint"]) / "checkpoint.pt", weights_only=True)
     assert training["optimizer"]["state"] and training["scheduler"] is not None
 

@@ -112,20 +112,21 @@ def committed(storage: Path) -> int | None:
         return None
 
 
-def wait_for_training(workdir: Path, overrides: list[str], proc: subprocess.Popen, log: Path) -> int:
-    """Waits until a checkpoint is committed and training has gone on past it; returns its iteration."""
+def wait_for_training(workdir: Path, overrides: list[str], proc: subprocess.Popen, log: Path, after: int = 0) -> int:
+    """Waits until a checkpoint past iteration ``after`` is committed and training has gone on past
+    it; returns its iteration."""
     storage = train_storage(workdir, overrides)
     deadline = time.time() + 240
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before the fault was injected:\n" + log.read_text()[-3000:]
         # MLflow's database is opened only once the run has one: two processes creating its
         # tables at the same time race in MLflow's schema migration
-        if iteration := committed(storage):
+        if (iteration := committed(storage)) and iteration > after:
             client, run_id = mlflow_run(workdir, overrides)
             if run_id and (loss := steps(client, run_id, "loss")) and loss[-1] > iteration:
                 return iteration
         time.sleep(0.1)
-    raise AssertionError("training never committed a checkpoint:\n" + log.read_text()[-3000:])
+    raise AssertionError(f"training never committed a checkpoint past iteration {after}:\n" + log.read_text()[-3000:])
 
 
 def train_worker_pids(log: Path) -> list[int]:
@@ -150,75 +151,65 @@ def assert_steps_once(client, run_id: str, iterations: int, val_every: int) -> N
     assert steps(client, run_id, "val_miou") == list(range(val_every, iterations + 1, val_every))
 
 
-# --- 1. a training worker killed -------------------------------------------------------------
+# --- 1. a training worker killed, then the driver ---------------------------------------------
 
-# 160 iterations: after the first checkpoint (40), time to see it and inject the fault before the end
-WORKER_LOSS = ["train.iterations=160", "train.val_every=40", "train.max_failures=2", "train.seed=11"]
+# 240 iterations, a checkpoint every 40: after the first checkpoint, time to see it and kill a
+# worker; after the restarted group's first checkpoint, time to see it and kill the driver
+LOSSES = ["train.iterations=240", "train.val_every=40", "train.max_failures=2", "train.seed=11"]
 
 
-def test_training_survives_a_killed_worker(ray_cluster, workdir):
+def test_training_survives_a_killed_worker_and_resumes_after_a_killed_driver(ray_cluster, workdir):
     """SIGKILL one of the two DDP workers mid-run: Ray Train restarts the group from the latest
-    committed checkpoint (or a newer one); the run completes all iterations and every MLflow step
-    is logged exactly once."""
-    log = workdir / "worker_loss.log"
-    proc = start(command(workdir, ray_cluster, WORKER_LOSS), log)
-    kept_at = wait_for_training(workdir, WORKER_LOSS, proc, log)
+    committed checkpoint (or a newer one). Once the new group has committed a checkpoint of its
+    own, SIGKILL ``pipeline.run`` itself, and run it again with the same arguments: prepare is
+    skipped, training resumes from that checkpoint instead of starting over, the same MLflow run
+    goes on, and every step is logged exactly once."""
+    cmd = command(workdir, ray_cluster, LOSSES)
+    log = workdir / "losses_1.log"
+    proc = start(cmd, log)
+    kept_at = wait_for_training(workdir, LOSSES, proc, log)
     pids = train_worker_pids(log)
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
-    out = finish(proc, log)
-    assert proc.returncode == 0, out[-4000:]
-    client, run_id = mlflow_run(workdir, WORKER_LOSS)
-    restarts = steps(client, run_id, "num_workers")  # logged when a worker group starts
-    assert len(restarts) == 2 and restarts[0] == 0, restarts
-    assert restarts[1] >= kept_at and restarts[1] % 40 == 0, (restarts, kept_at)  # no checkpoint lost
-    assert f"resumed from the checkpoint of iteration {restarts[1]}" in out
-    assert_steps_once(client, run_id, 160, 40)
-    assert client.get_run(run_id).info.status == "FINISHED"
 
-
-# --- 2. the driver killed and started again ------------------------------------------------------
-
-DRIVER_LOSS = ["train.iterations=160", "train.val_every=40", "train.seed=12"]
-
-
-def test_rerun_after_a_killed_driver_resumes_training(ray_cluster, workdir):
-    """SIGKILL ``pipeline.run`` during training, run it again with the same arguments: prepare
-    is skipped, training resumes from its checkpoint instead of starting over."""
-    cmd = command(workdir, ray_cluster, DRIVER_LOSS)
-    log = workdir / "driver_loss_1.log"
-    proc = start(cmd, log)
-    kept_at = wait_for_training(workdir, DRIVER_LOSS, proc, log)
+    # the group restarts from a committed checkpoint and trains past a checkpoint of its own
+    deadline = time.time() + 120
+    while not (found := re.search(r"resumed from the checkpoint of iteration (\d+)", log.read_text())):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    restarted = int(found.group(1))
+    assert restarted >= kept_at and restarted % 40 == 0, (restarted, kept_at)  # no checkpoint lost
+    kept_again = wait_for_training(workdir, LOSSES, proc, log, after=restarted)
     workers = train_worker_pids(log)
-    assert len(workers) == 2, workers
+    assert len(workers) == 2 and pids[-1] not in workers, (workers, pids)
     proc.kill()
     proc.wait()
     deadline = time.time() + 60  # its workers go with it (their owner is gone)
     while any(alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(alive(pid) for pid in workers)
-    client, run_id = mlflow_run(workdir, DRIVER_LOSS)
+    client, run_id = mlflow_run(workdir, LOSSES)
     logged_before = steps(client, run_id, "loss")
 
-    log = workdir / "driver_loss_2.log"
+    log = workdir / "losses_2.log"
     out = finish(start(cmd, log), log)
     assert "[prepare] complete, skipped" in out and "[train] running" in out, out[-4000:]
     resumed = int(re.search(r"resumed from the checkpoint of iteration (\d+)", out).group(1))
-    assert resumed >= kept_at and resumed % 40 == 0, (resumed, kept_at)
+    assert resumed >= kept_again and resumed % 40 == 0, (resumed, kept_again)
     assert "prepare: skipped (complete)" in out
     assert "Reporting training result" not in out  # Ray Train's per-report lines stay off the console
-    assert f"train: resumed from the checkpoint of iteration {resumed} to 160 (attempt 0" in out
-    client, same_run = mlflow_run(workdir, DRIVER_LOSS)
+    assert f"train: resumed from the checkpoint of iteration {resumed} to 240 (attempt 0" in out
+    client, same_run = mlflow_run(workdir, LOSSES)
     assert same_run == run_id  # the same MLflow run goes on
-    assert steps(client, run_id, "num_workers") == [0, resumed]
+    assert steps(client, run_id, "num_workers") == [0, restarted, resumed]  # logged when a worker group starts
     assert steps(client, run_id, "loss")[:len(logged_before)] == logged_before
-    assert_steps_once(client, run_id, 160, 40)
+    assert_steps_once(client, run_id, 240, 40)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["command"] == shlex.join(["python", "-m", "pipeline.run", *cmd[3:]])
 
 
-# --- 3. a loss that is not finite ------------------------------------------------------------
+# --- 2. a loss that is not finite ------------------------------------------------------------
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, workdir):
     overrides = ["train.iterations=40", "train.val_every=10", "train.max_failures=0", "train.seed=13"]
@@ -260,7 +251,7 @@ def test_nonfinite_loss_skipped_and_counted_when_configured(ray_cluster, workdir
     assert final["iteration"] == 40 and stats and all(torch.isfinite(t).all() for t in stats.values())
 
 
-# --- 4. a shard changed after preparation -------------------------------------------------------
+# --- 3. a shard changed after preparation -------------------------------------------------------
 
 def test_changed_shard_is_refused_before_training(ray_cluster, tmp_path):
     from pipeline.run import run
@@ -278,7 +269,7 @@ def test_changed_shard_is_refused_before_training(ray_cluster, tmp_path):
     assert not client.get_metric_history(run_id, "loss")
 
 
-# --- 5. a checkpoint that would run code -----------------------------------------------------------
+# --- 4. a checkpoint that would run code -----------------------------------------------------------
 
 def test_checkpoint_sidecar_catches_truncation_and_corruption(tmp_path):
     """``verify`` against the size and sha256 written beside the checkpoint; for_serving drops
@@ -356,7 +347,7 @@ def test_every_torch_load_is_weights_only():
     assert calls  # the scan found the loader
 
 
-# --- 6. what listens on the network ------------------------------------------------------------
+# --- 5. what listens on the network ------------------------------------------------------------
 
 def _external_ip() -> str | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
