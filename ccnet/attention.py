@@ -9,6 +9,8 @@ to the input. The branch's gradients are scaled by gamma, so from 0 one pass can
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -23,10 +25,12 @@ class CrissCrossAttention(nn.Module):
         reduction: query/key channel reduction (8 in the paper).
         attention: the attention function ``(q, k, v) -> out``; the criss-cross op by default.
         gamma_init: gamma's initial value; 0 (the paper's code) makes a fresh module the identity.
+        fused: the op's ``fused``: True never stores the attention map (``ops.fused``), False
+            always does, None (the default) lets the op choose by size (``ops.fused_by_default``).
     """
 
     def __init__(self, channels: int, *, reduction: int = 8, attention=ops.criss_cross_attention,
-                 gamma_init: float = 0.0) -> None:
+                 gamma_init: float = 0.0, fused: bool | None = None) -> None:
         super().__init__()
         if channels < reduction:
             raise ValueError(f"channels ({channels}) must be at least the reduction ({reduction})")
@@ -35,7 +39,7 @@ class CrissCrossAttention(nn.Module):
         self.key = nn.Conv2d(channels, inner, 1)
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.full((1,), float(gamma_init)))
-        self.attention = attention
+        self.attention = attention if fused is None else functools.partial(attention, fused=fused)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C, H, W)
         out = self.attention(self.query(x), self.key(x), self.value(x))

@@ -46,7 +46,7 @@ class CCNet(nn.Module):
 def build_ccnet(num_classes: int, *, backbone: str = "resnet101", recurrence: int = 2,
                 share_weights: bool = True, attention: str = "cca", aux: bool = True,
                 head_channels: int | None = None, pretrained: str | Path | None = None,
-                dropout: float = 0.1, gamma_init: float = 0.0) -> CCNet:
+                dropout: float = 0.1, gamma_init: float = 0.0, fused_attention: bool | None = None) -> CCNet:
     """Build CCNet.
 
     Args:
@@ -61,16 +61,21 @@ def build_ccnet(num_classes: int, *, backbone: str = "resnet101", recurrence: in
         pretrained: backbone weights: None, a file path, or "hub" (see ``build_backbone``).
         dropout: Dropout2d probability before the classifiers.
         gamma_init: the attention's initial residual scale (0 in the paper's code: the identity).
+        fused_attention: the criss-cross op's ``fused`` (True: never store the attention map;
+            None: by size, ``ops.fused_by_default``); criss-cross attention only.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if attention not in ATTENTION_LAYERS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTION_LAYERS)}")
+    if fused_attention is not None and attention != "cca":
+        raise ValueError(f"fused_attention applies to the criss-cross attention, not {attention!r}")
     body = build_backbone(backbone, pretrained=pretrained)
     c3, c4 = BACKBONES[backbone].channels
     channels = head_channels or min(512, 2 * c4)
     head = RCCAHead(c4, num_classes, channels=channels, recurrence=recurrence, share_weights=share_weights,
-                    attention_layer=functools.partial(ATTENTION_LAYERS[attention], gamma_init=gamma_init),
+                    attention_layer=functools.partial(ATTENTION_LAYERS[attention], gamma_init=gamma_init,
+                                                      **({"fused": fused_attention} if attention == "cca" else {})),
                     dropout=dropout)
     aux_head = FCNHead(c3, num_classes, channels=channels, dropout=dropout) if aux else None
     return CCNet(body, head, aux_head)

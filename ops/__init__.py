@@ -4,7 +4,8 @@
     out = ops.criss_cross_attention(q, k, v)   # q, k (N, C', H, W), v (N, C, H, W)
 
 CPU (C++) and CUDA kernels registered under ``torch.ops.ccnet_ops``, built on first use
-(``python -m ops.build`` builds ahead of time); ``ops.reference`` is the pure-PyTorch form.
+(``python -m ops.build`` builds ahead of time); ``ops.reference`` is the pure-PyTorch form;
+``ops.criss_cross_attention(q, k, v, fused=True)`` never stores the attention map (``ops.fused``).
 Nothing is built or registered at import time.
 """
 
@@ -12,6 +13,7 @@ from . import reference
 from .criss_cross import (
     IMPLEMENTATIONS,
     criss_cross_attention,
+    fused_by_default,
     get_implementation,
     load_compiled,
     require_compiled,
@@ -22,6 +24,7 @@ from .criss_cross import (
 __all__ = [
     "IMPLEMENTATIONS",
     "criss_cross_attention",
+    "fused_by_default",
     "get_implementation",
     "load_compiled",
     "reference",

@@ -13,15 +13,18 @@ same inputs:
   every row and column a batch of ``torch.bmm`` over permuted copies, an -inf diagonal added
   (broadcast (H, H), where the authors' module materialises it per column), under this
   project's dtype contract;
-- ``ours``: the compiled op.
+- ``ours``: the compiled op, with the attention map (``fused=False``);
+- ``fused``: the compiled op's fused mode (``fused=True``, ``ops.fused``), which never stores the
+  map.
 
 The table gives median times, the ref/ours ratio (above 1: the compiled op is faster), the peak
 memory that forward + backward adds (CUDA: the caching allocator's peak over what was allocated
 before; CPU: the peak resident set over the resident set before, in a fresh process whose
 allocations from 64 KiB up are mapped and returned on free, so that freed memory is not reused
 unseen), and on an H100/H200 the roofline floor of ``ops.roofline`` and ours over it.
-Shapes: the paper's RCCA head on a 769 x 769 crop (C = 512, C' = 64, 97 x 97, N = 1 and 2)
-and a smaller one.
+Shapes: the paper's RCCA head on a 769 x 769 crop (C = 512, C' = 64, 97 x 97, N = 1 and 2),
+a smaller one, and, with ``--shape "cityscapes full"``, the head on a whole 1024 x 2048
+Cityscapes image at inference (128 x 256 at stride 8).
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ SHAPES = {  # (N, C', C, H, W)
     "paper N=1": (1, 64, 512, 97, 97),
     "paper N=2": (2, 64, 512, 97, 97),
     "small": (2, 16, 128, 33, 33),
+    "cityscapes full": (1, 64, 512, 128, 256),
 }
-IMPLS = ("reference", "bmm", "compiled")
+DEFAULT_SHAPES = ("paper N=1", "paper N=2", "small")
+IMPLS = ("reference", "bmm", "compiled", "fused")
 
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +73,9 @@ def _inputs(shape, device, dtype):
 def _attention(impl: str) -> Callable:
     if impl == "bmm":
         return reference.criss_cross_attention_bmm
-    return lambda q, k, v: criss_cross_attention(q, k, v, implementation=impl)
+    if impl == "fused":
+        return lambda q, k, v: criss_cross_attention(q, k, v, implementation="compiled", fused=True)
+    return lambda q, k, v: criss_cross_attention(q, k, v, implementation=impl, fused=False)
 
 
 def _step(impl: str, q, k, v, backward: bool) -> Callable[[], None]:
@@ -174,32 +181,37 @@ def measure(device: torch.device, dtype: torch.dtype, shape, repeat: int, warmup
     return row
 
 
-def roofline_floor_ms(device: str, dtype: str, shape: tuple) -> float | None:
-    """The fwd+bwd floor of ``ops.roofline`` on the visible GPU, if the model knows it."""
+def roofline_floor_ms(device: str, dtype: str, shape: tuple, fused_hbm: bool = False) -> float | None:
+    """The fwd+bwd floor of ``ops.roofline`` on the visible GPU, if the model knows it; with
+    ``fused_hbm``, the fused mode's HBM floor (its bytes over the bandwidth)."""
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
     gpu = next((key for key in roofline.GPUS if key.split()[0] in name), None)
     if gpu is None:
         return None
+    if fused_hbm:
+        return roofline.hbm_floors(shape, dtype, fused=True)[gpu] * 1e3
     tf32 = dtype == "float32" and torch.backends.cuda.matmul.allow_tf32
     return roofline.floors(shape, dtype, tf32)[gpu] * 1e3
 
 
 def table(rows: list[tuple[str, str, str, tuple, dict]]) -> str:
-    head = ("| device | dtype | shape | (N, C', C, H, W) | fwd ref ms | fwd bmm ms | fwd ours ms | fwd ref/ours "
-            "| fwd+bwd ref ms | fwd+bwd bmm ms | fwd+bwd ours ms | fwd+bwd ref/ours "
-            "| peak MB ref | peak MB bmm | peak MB ours | fwd+bwd floor ms | ours / floor |")
+    head = ("| device | dtype | shape | (N, C', C, H, W) | fwd ref ms | fwd bmm ms | fwd ours ms | fwd fused ms "
+            "| fwd ref/ours | fwd+bwd ref ms | fwd+bwd bmm ms | fwd+bwd ours ms | fwd+bwd fused ms | fwd+bwd ref/ours "
+            "| peak MB ref | peak MB bmm | peak MB ours | peak MB fused | fwd+bwd floor ms | ours / floor "
+            "| fused HBM floor ms | fused / HBM floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for device, dtype, name, shape, r in rows:
         f, fb = r["fwd"], r["fwd+bwd"]
         mem = r.get("peak MB", {})
-        floor = roofline_floor_ms(device, dtype, shape)
+        floor, hbm = roofline_floor_ms(device, dtype, shape), roofline_floor_ms(device, dtype, shape, fused_hbm=True)
         cells = [device, dtype, name, str(shape),
                  *(f"{f[impl]:.2f}" for impl in IMPLS), f"{f['reference'] / f['compiled']:.2f}x",
                  *(f"{fb[impl]:.2f}" for impl in IMPLS), f"{fb['reference'] / fb['compiled']:.2f}x",
                  *(f"{mem[impl]:.0f}" if mem.get(impl) is not None else "-" for impl in IMPLS),
-                 f"{floor:.3f}" if floor else "-", f"{fb['compiled'] / floor:.1f}x" if floor else "-"]
+                 f"{floor:.3f}" if floor else "-", f"{fb['compiled'] / floor:.1f}x" if floor else "-",
+                 f"{hbm:.3f}" if hbm else "-", f"{fb['fused'] / hbm:.1f}x" if hbm else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -216,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="device(s) to measure (default: cpu, and cuda when present)")
     parser.add_argument("--dtype", action="append", choices=["float32", "float64", "float16", "bfloat16"],
                         help="dtype(s) (default: float32 on CPU; float32 and bfloat16 on CUDA)")
-    parser.add_argument("--shape", action="append", choices=list(SHAPES), help="shape(s) (default: all)")
+    parser.add_argument("--shape", action="append", choices=list(SHAPES),
+                        help=f"shape(s) (default: {', '.join(DEFAULT_SHAPES)})")
     parser.add_argument("--repeat", type=int, default=None, help="timed repeats (default: 5 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
     parser.add_argument("--out", type=Path, help="also write the table, with device and date, to this file")
@@ -246,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = args.dtype or (["float32", "bfloat16"] if dev == "cuda" else ["float32"])
         repeat = args.repeat or (50 if dev == "cuda" else 5)
         for dtype in dtypes:
-            for name in args.shape or list(SHAPES):
+            for name in args.shape or DEFAULT_SHAPES:
                 result = measure(device, getattr(torch, dtype), SHAPES[name], repeat, args.warmup, name)
                 rows.append((dev, dtype, name, SHAPES[name], result))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     header = "\n".join(
         ["Criss-cross attention: ref = ops.reference (mmcv's einsum formulation), bmm = the authors' "
-         "bmm formulation, ours = the compiled op (ref/ours: reference time / compiled time)",
+         "bmm formulation, ours = the compiled op with the attention map, fused = its fused mode, "
+         "which never stores the map (ref/ours: reference time / compiled time)",
          f"date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
          + "; ".join(f"{d}: {device_name(torch.device(d))}" for d in devices),
          "command: python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),

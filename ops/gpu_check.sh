@@ -69,6 +69,9 @@ for dtype in (torch.float32, torch.bfloat16):
 PY
 
 $PY -m ops.bench --device cuda --dtype float32 --dtype bfloat16 --dtype float16 --out "$out/bench.md" || failed="$failed bench"
+# the head on a whole 1024 x 2048 Cityscapes image: the fused mode's memory and its HBM floor
+$PY -m ops.bench --device cuda --shape "cityscapes full" --dtype float32 --dtype bfloat16 --repeat 10 \
+  --out "$out/bench_full_res.md" || failed="$failed bench_full_res"
 
 # The training step alone, compiled op against the reference (no Ray, no MLflow).
 $PY -m pipeline.step_bench --device cuda --out "$out/step_resnet18.md" --steps 10 --rounds 3 \

@@ -77,16 +77,37 @@ def kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[Kernel]
             + [dataclasses.replace(k, name=f"bwd {k.name}") for k in backward])
 
 
+def fused_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[Kernel]:
+    """The fused mode (``ops.fused``) at its least: the forward reads q, k and v and writes the
+    output and the per-pixel log-sum-exp (float32); the backward reads q, k, v, the output, its
+    gradient and the log-sum-exp and writes dq, dk and dv. No map goes through HBM. Its GEMMs:
+    the energies and the aggregation forward; the energies again, dP = dout V^T, dq, dk and dv
+    backward."""
+    s, P, L = SIZES[dtype], H * W, H + W - 1
+    lse = N * P * (8 if dtype == "float64" else 4)
+    q_k, values = 2 * N * Cq * P * s, N * C * P * s
+    per_slot = 2 * N * P * L  # one multiply-add per (pixel, slot) and channel
+    return [Kernel("fused forward", q_k + 2 * values + lse, per_slot * (Cq + C), True),
+            Kernel("fused backward", 2 * q_k + 4 * values + lse, per_slot * (3 * Cq + 2 * C), True)]
+
+
 def floor_seconds(kernel: Kernel, gpu: dict, path: str) -> float:
     compute = kernel.flops / gpu[path] if kernel.gemm else 0.0  # the layout kernels' arithmetic is noise
     return max(kernel.bytes / gpu["bandwidth"], compute)
 
 
-def floors(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False) -> dict[str, float]:
-    """Total floor in seconds per GPU, forward + backward."""
+def floors(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False,
+           fused: bool = False) -> dict[str, float]:
+    """Total floor in seconds per GPU, forward + backward (of the fused mode with ``fused``)."""
     path = math_path(dtype, tf32)
-    ks = kernels(*shape, dtype)
+    ks = (fused_kernels if fused else kernels)(*shape, dtype)
     return {name: sum(floor_seconds(k, gpu, path) for k in ks) for name, gpu in GPUS.items()}
+
+
+def hbm_floors(shape: tuple[int, int, int, int, int], dtype: str, fused: bool = False) -> dict[str, float]:
+    """Seconds per GPU to move the bytes alone, forward + backward: the HBM floor."""
+    ks = (fused_kernels if fused else kernels)(*shape, dtype)
+    return {name: sum(k.bytes for k in ks) / gpu["bandwidth"] for name, gpu in GPUS.items()}
 
 
 def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False) -> str:
@@ -103,6 +124,17 @@ def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False)
     total = floors(shape, dtype, tf32)
     lines.append(f"| **total** | {sum(k.bytes for k in ks) / 1e6:.2f} | {sum(k.flops for k in ks) / 1e9:.3f} | "
                  + " | ".join(f"**{total[n] * 1e6:.1f}**" for n in names) + " |")
+    fused = fused_kernels(*shape, dtype)
+    lines += ["", "the fused mode (no attention map through HBM):", "",
+              "| kernel | MB moved | GFLOP | " + " | ".join(f"{n} floor us" for n in names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    for k in fused:
+        cells = [f"{floor_seconds(k, GPUS[n], path) * 1e6:.2f}" for n in names]
+        lines.append(f"| {k.name} | {k.bytes / 1e6:.2f} | {k.flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+    total, hbm = floors(shape, dtype, tf32, fused=True), hbm_floors(shape, dtype, fused=True)
+    lines.append(f"| **total** (HBM alone) | {sum(k.bytes for k in fused) / 1e6:.2f} | "
+                 f"{sum(k.flops for k in fused) / 1e9:.3f} | "
+                 + " | ".join(f"**{total[n] * 1e6:.1f}** ({hbm[n] * 1e6:.1f})" for n in names) + " |")
     return "\n".join(lines)
 
 

@@ -6,8 +6,8 @@ utilisation (MFU), from a short run of the pipeline.
     python -m pipeline.bench --compare-reference model.backbone=resnet18 scaling.use_gpu=true \\
         scaling.num_workers=1 train.amp=bf16 train.iterations=100 --out training.md
 
-Runs prepare -> train -> evaluate -> register in a temporary directory (real Ray, MLflow on a
-temporary sqlite file; nothing reaches the user's tracking server or registry) and reads back
+Runs prepare and train, the steps it measures, in a temporary directory (real Ray, MLflow on a
+temporary sqlite file; nothing reaches the user's tracking server, and nothing is registered) and reads back
 what the workers logged every ``train.log_every`` iterations: images/s per worker, the data-wait
 share (time blocked in the data iterator over the window's wall time) and, on CUDA, the peak GPU
 memory. The first window (warm-up: process groups, the first shards, autotuning) is left out.
@@ -76,7 +76,8 @@ def measure(cfg: PipelineConfig) -> dict:
 
     from .run import run
 
-    results = run(cfg)
+    prepared = run(cfg, only="prepare")["prepare"]["prepared"]
+    results = run(cfg, only="train")  # what is measured; no evaluation, nothing registered
     client = MlflowClient(results["_run"]["uri"])
 
     def series(key):
@@ -86,7 +87,7 @@ def measure(cfg: PipelineConfig) -> dict:
     rate, wait, memory = series("images_per_s_per_worker"), series("data_wait_share"), series("gpu_peak_memory_gb")
     return {"rate": statistics.median(rate), "total": statistics.median(rate) * cfg.scaling.num_workers,
             "wait": statistics.median(wait), "wait_max": max(wait), "memory": max(memory) if memory else None,
-            "num_classes": len(read_manifest(results["prepare"]["prepared"])["classes"])}
+            "num_classes": len(read_manifest(prepared)["classes"])}
 
 
 def table(cfg: PipelineConfig, rows: dict[str, dict], flops: float, peak: float | None) -> str:

@@ -31,10 +31,14 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint whose file does not match its recorded size and sha256 (truncated, corrupted)."""
 
 
+FUSED = {"auto": None, "always": True, "never": False}  # model.fused_attention -> the op's ``fused``
+
+
 def model_from_config(cfg: PipelineConfig, num_classes: int, *, pretrained: bool = True) -> nn.Module:
     m = cfg.model
     return build_ccnet(num_classes, backbone=m.backbone, recurrence=m.recurrence, share_weights=m.share_weights,
                        attention=m.attention, aux=m.aux, head_channels=m.head_channels, gamma_init=m.gamma_init,
+                       fused_attention=FUSED[m.fused_attention] if m.attention == "cca" else None,
                        pretrained=m.pretrained if pretrained else None)
 
 

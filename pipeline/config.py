@@ -50,6 +50,9 @@ class ModelConfig:
     share_weights: bool = True
     attention: str = "cca"  # cca | non_local
     attention_impl: str = "compiled"  # compiled (C++/CUDA kernels; training stops if they cannot build) | reference
+    # the op's fused mode, which never stores the attention map: auto (by size, ops.fused_by_default,
+    # with the compiled implementation) | always | never
+    fused_attention: str = "auto"
     aux: bool = True
     head_channels: int | None = None
     pretrained: str | None = None  # backbone weights file, or "hub"
@@ -163,6 +166,7 @@ CHOICES = {
     "data.source": ("cityscapes", "ade20k", "voc", "folder", "synthetic"),
     "model.attention": ("cca", "non_local"),
     "model.attention_impl": ("compiled", "reference"),
+    "model.fused_attention": ("auto", "always", "never"),
     "train.amp": ("none", "bf16", "fp16"),
     "eval.amp": (None, "none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
@@ -185,6 +189,9 @@ def _check(cfg: PipelineConfig) -> None:
     for key in positive:
         if flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
+    if cfg.model.fused_attention == "always" and cfg.model.attention != "cca":
+        raise ConfigError("model.fused_attention=always applies to the criss-cross attention (model.attention=cca), "
+                          f"not {cfg.model.attention!r}")
     if cfg.model.recurrence < 0:
         raise ConfigError(f"model.recurrence must be >= 0, got {cfg.model.recurrence}")
     if not 0 < cfg.train.scale_min <= cfg.train.scale_max:

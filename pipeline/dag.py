@@ -30,6 +30,8 @@ def step_keys(cfg: PipelineConfig) -> dict[str, str]:
     d = to_dict(cfg)
     if d["model"]["gamma_init"] == 0.0:  # its value before the key existed: those runs keep their keys
         del d["model"]["gamma_init"]
+    if d["model"]["fused_attention"] == "auto":  # likewise
+        del d["model"]["fused_attention"]
     keys = {"prepare": digest("prepare", d["data"])}
     keys["train"] = digest("train", keys["prepare"], d["model"], d["train"], d["scaling"]["num_workers"])
     keys["evaluate"] = digest("evaluate", keys["train"], d["eval"])

@@ -674,3 +674,12 @@ def test_roofline_against_hand_counts():
         assert bwd == 2 * N * (2 * C + 2 * Cq) * H * W * (H + W)
         total = roofline.floors(shape, "float32")["H100 SXM"]
         assert total == sum(roofline.floor_seconds(k, roofline.GPUS["H100 SXM"], "fp32") for k in ks) > 0
+
+    # the fused mode, by hand for 1 x (1, 2) x 2 x 3 in float32: forward reads q, k (6 floats each)
+    # and v (12), writes out (12) and the log-sum-exp (6); backward reads q, k, v, out, dout and the
+    # log-sum-exp, writes dq, dk, dv; 4 slots per pixel
+    fwd, bwd = roofline.fused_kernels(1, 1, 2, 2, 3, "float32")
+    assert (fwd.bytes, fwd.flops) == ((6 + 6 + 12 + 12 + 6) * 4, 2 * 6 * 4 * (1 + 2))
+    assert (bwd.bytes, bwd.flops) == ((6 + 6 + 12 + 12 + 12 + 6 + 6 + 6 + 12) * 4, 2 * 6 * 4 * (3 * 1 + 2 * 2))
+    hbm = roofline.hbm_floors((1, 1, 2, 2, 3), "float32", fused=True)["H200 SXM"]
+    assert hbm == (fwd.bytes + bwd.bytes) / 4.8e12

@@ -211,41 +211,53 @@ def test_training_survives_a_killed_worker_and_resumes_after_a_killed_driver(ray
 
 # --- 2. a loss that is not finite ------------------------------------------------------------
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, workdir):
-    overrides = ["train.iterations=40", "train.val_every=10", "train.max_failures=0", "train.seed=13"]
-    log = workdir / "diverge_stop.log"
-    out = finish(start(command(workdir, ray_cluster, overrides), log, {"CCNET_FAULT_NONFINITE_AT": "23"}), log)
-    assert out and "the loss is not finite at iteration 23" in out, out[-4000:]
-    assert "the last good checkpoint (iteration 20) is kept" in out
-    client, run_id = mlflow_run(workdir, overrides)
-    assert steps(client, run_id, "val_miou") == [10, 20] and steps(client, run_id, "loss")[-1] == 20
-    assert client.get_run(run_id).info.status == "FAILED"
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, workdir) -> str:
+    """The module's data, prepared once (runs that start together must not both prepare it)."""
+    from pipeline.run import run
+
+    return run(config(workdir, []), only="prepare")["prepare"]["prepared"]
+
+
+STOP = ["train.iterations=40", "train.val_every=10", "train.max_failures=0", "train.seed=13"]
+SKIP = ["train.iterations=40", "train.val_every=40", "train.nonfinite=skip", "train.seed=14"]
+
+
+def test_nonfinite_loss_stops_or_is_skipped_as_configured(ray_cluster, workdir, prepared):
+    """Two runs at once on the session's Ray, each with NaNs injected.
+
+    - ``train.nonfinite=stop`` (the default), a NaN loss at iteration 23: the run stops naming the
+      iteration and keeps the last good checkpoint (20), every kept checkpoint finite.
+    - ``train.nonfinite=skip``, NaN losses at 13 and 17 and NaN input images at 21 (which
+      BatchNorm sees before the loss): each step is skipped and counted, no NaN reaches the logged
+      loss, and the final BatchNorm statistics are finite. Its MLflow database is its own: sqlite
+      takes one writer at a time. The training step alone (the data is prepared)."""
+    skip = SKIP + [f"tracking.tracking_uri=sqlite:///{workdir / 'skip.db'}"]
+    stop_log, skip_log = workdir / "diverge_stop.log", workdir / "diverge_skip.log"
+    stop_proc = start(command(workdir, ray_cluster, STOP), stop_log, {"CCNET_FAULT_NONFINITE_AT": "23"})
+    skip_proc = start(command(workdir, ray_cluster, skip) + ["--only", "train"], skip_log,
+                      {"CCNET_FAULT_NONFINITE_AT": "13,17", "CCNET_FAULT_NONFINITE_INPUT_AT": "21"})
+    out, skip_out = finish(stop_proc, stop_log), finish(skip_proc, skip_log)
 
     from pipeline.checkpoint import load_checkpoint
 
-    kept = [load_checkpoint(p) for p in train_storage(workdir, overrides).glob("checkpoint_*/checkpoint.pt")]
+    assert out and "the loss is not finite at iteration 23" in out, out[-4000:]
+    assert "the last good checkpoint (iteration 20) is kept" in out
+    client, run_id = mlflow_run(workdir, STOP)
+    assert steps(client, run_id, "val_miou") == [10, 20] and steps(client, run_id, "loss")[-1] == 20
+    assert client.get_run(run_id).info.status == "FAILED"
+    kept = [load_checkpoint(p) for p in train_storage(workdir, STOP).glob("checkpoint_*/checkpoint.pt")]
     assert max(c["iteration"] for c in kept) == 20
     assert all(torch.isfinite(t).all() for c in kept for t in c["model"].values() if t.is_floating_point())
 
-
-def test_nonfinite_loss_skipped_and_counted_when_configured(ray_cluster, workdir):
-    overrides = ["train.iterations=40", "train.val_every=40", "train.nonfinite=skip", "train.seed=14"]
-    log = workdir / "diverge_skip.log"
-    # NaN losses at 13 and 17; NaN input images at 21, which BatchNorm sees before the loss
-    proc = start(command(workdir, ray_cluster, overrides), log,
-                 {"CCNET_FAULT_NONFINITE_AT": "13,17", "CCNET_FAULT_NONFINITE_INPUT_AT": "21"})
-    out = finish(proc, log)
-    assert proc.returncode == 0, out[-4000:]
-    assert "iteration 13: the loss is not finite; the step is skipped (1 so far)" in out
-    client, run_id = mlflow_run(workdir, overrides)
+    assert skip_proc.returncode == 0, skip_out[-4000:]
+    assert "iteration 13: the loss is not finite; the step is skipped (1 so far)" in skip_out
+    client, run_id = mlflow_run(workdir, skip)
     skipped = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "skipped_steps"))
     assert skipped == [(13, 1.0), (17, 2.0), (21, 3.0)]
     assert steps(client, run_id, "loss") == list(range(5, 41, 5))
     assert all(m.value == m.value for m in client.get_metric_history(run_id, "loss"))  # no NaN averaged in
-
-    from pipeline.checkpoint import load_checkpoint
-
-    final = max((load_checkpoint(p) for p in train_storage(workdir, overrides).glob("checkpoint_*/checkpoint.pt")),
+    final = max((load_checkpoint(p) for p in train_storage(workdir, skip).glob("checkpoint_*/checkpoint.pt")),
                 key=lambda c: c["iteration"])
     stats = {k: t for k, t in final["model"].items() if "running_" in k}
     assert final["iteration"] == 40 and stats and all(torch.isfinite(t).all() for t in stats.values())
