@@ -23,8 +23,9 @@ before; CPU: the peak resident set over the resident set before, in a fresh proc
 allocations from 64 KiB up are mapped and returned on free, so that freed memory is not reused
 unseen), and on an H100/H200 the roofline floor of ``ops.roofline`` and ours over it.
 Shapes: the paper's RCCA head on a 769 x 769 crop (C = 512, C' = 64, 97 x 97, N = 1 and 2),
-a smaller one, and, with ``--shape "cityscapes full"``, the head on a whole 1024 x 2048
-Cityscapes image at inference (128 x 256 at stride 8).
+a smaller one; with ``--shape``, also the head on a whole 1024 x 2048 Cityscapes image at
+inference (``"cityscapes full"``: 128 x 256 at stride 8), and the shapes with 2, 3, 4 and 6
+slots per channel (``"slots 2C"`` ...) where the fused mode's memory and time meet the map's.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ SHAPES = {  # (N, C', C, H, W)
     "paper N=2": (2, 64, 512, 97, 97),
     "small": (2, 16, 128, 33, 33),
     "cityscapes full": (1, 64, 512, 128, 256),
+    # where the fused mode starts to pay (ops.criss_cross.FUSED_SLOTS_PER_CHANNEL): a pixel's
+    # H + W - 1 slots over the value's C channels
+    "slots 2C": (1, 16, 128, 129, 129),
+    "slots 3C": (1, 8, 64, 97, 97),
+    "slots 4C": (1, 8, 64, 129, 129),
+    "slots 6C": (1, 8, 64, 193, 193),
 }
 DEFAULT_SHAPES = ("paper N=1", "paper N=2", "small")
 IMPLS = ("reference", "bmm", "compiled", "fused")

@@ -272,9 +272,10 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
         for include in cuda_library_includes(home):
             cuda_flags += ["-isystem", include]
-        # nvcc compiles the architectures of TORCH_CUDA_ARCH_LIST in parallel, one per core (the
-        # binary is the same, so the thread count is not part of the cache key)
-        cuda_flags += [f"--threads={max(1, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)}"]
+        # nvcc compiles the architectures of TORCH_CUDA_ARCH_LIST in parallel, as many at once as
+        # the node has cores (0: nvcc counts them; one command line on every node, so ninja
+        # never rebuilds for a different core count, and the binary is the same: no cache key)
+        cuda_flags += ["--threads=0"]
     from torch.utils import cpp_extension
 
     if with_cuda:

@@ -48,26 +48,20 @@ def signature():
                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
 
 
-# what loading and serving the model imports (the project pulls in its own dependencies)
-SERVING_PACKAGES = ("ccnet", "torch", "numpy", "mlflow", "cloudpickle")
+# what loading and serving the model imports, besides this project's own packages
+SERVING_PACKAGES = ("torch", "numpy", "mlflow", "cloudpickle")
 
 
 def serving_requirements() -> list[str]:
     """The model's pip requirements: SERVING_PACKAGES at the versions that logged it (the public
     version: ``2.14.1``, not ``2.14.1+cu130``, so a CPU or another CUDA build of the same release
     serves it). Listed rather than inferred: MLflow's inference loads the model in a subprocess,
-    seconds per registration, and it found pieces of CUDA wheels but not torch itself. The project
-    is left out when it runs from a source tree that is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
+    seconds per registration, found pieces of CUDA wheels but not torch itself, and pinned this
+    project by its distribution name, which on PyPI is another project's: the serving environment
+    installs this one from its repository (README, "The registry")."""
+    from importlib.metadata import version
 
-    pins = []
-    for name in SERVING_PACKAGES:
-        try:
-            pins.append(f"{name}=={version(name).split('+')[0]}")
-        except PackageNotFoundError:
-            if name != "ccnet":
-                raise
-    return pins
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
 def register_model(*, uri: str, run_id: str, checkpoint: str | Path, model_name: str, alias: str,

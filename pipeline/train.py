@@ -111,6 +111,23 @@ def batches(shard, batch_size: int, device: torch.device):
             yield batch["image"], batch["label"]
 
 
+def first_fetched(batches_iter):
+    """The same batches, the first one fetched in a thread from now on: the dataset's start-up
+    (its tasks' processes, the first shards' decoding) overlaps the set-up that follows (model,
+    DDP, restore, tracking). Its error, if any, is raised where the first batch is taken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="first-batch")
+    first = pool.submit(next, batches_iter)
+    pool.shutdown(wait=False)
+
+    def chained():
+        yield first.result()
+        yield from batches_iter
+
+    return chained()
+
+
 def train_step(model, criterion, optimizer, scheduler, scaler, images, labels, amp: str,
                poison: bool = False) -> dict[str, torch.Tensor] | None:
     """One SGD step; None, with the model as it was, when the loss is not finite on some rank.
@@ -292,6 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
     select_attention(cfg, device)
+    data = first_fetched(batches(ray.train.get_dataset_shard("train"), t.batch_size, device))
     model, optimizer, scheduler = build(cfg, len(classes))
     start, skipped = restore(model, optimizer, scheduler)
     criterion = CCNetLoss(aux_weight=t.aux_weight, ohem=t.ohem, ohem_thresh=t.ohem_thresh,
@@ -305,22 +323,22 @@ def train_loop_per_worker(config: dict) -> None:
     monitor = system_metrics(cfg, config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     try:
         run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, scaler, logger, device,
-                       start, skipped)
+                       data, start, skipped)
     finally:
         if monitor is not None:
             monitor.finish()
 
 
 def run_iterations(cfg, config, ctx, model, optimizer, scheduler, criterion, scaler, logger, device,
-                   start: int, skipped: int) -> None:
-    """The training iterations from ``start``: steps, logging, validation and checkpoints."""
+                   data, start: int, skipped: int) -> None:
+    """The training iterations from ``start`` over the batches ``data``: steps, logging,
+    validation and checkpoints."""
     import ray.train
 
     t, classes, rank = cfg.train, config["classes"], ctx.get_world_rank()
     last_checkpoint = start
     poison = poisoned_steps() if rank == 0 else set()
     poison_input = poisoned_steps(FAULT_NONFINITE_INPUT) if rank == 0 else set()
-    data = batches(ray.train.get_dataset_shard("train"), t.batch_size, device)
     window, waited, tick = [], 0.0, time.perf_counter()
     stepped, step_seconds = 0, 0.0  # the time in train_step since this attempt started
     for it in range(start, t.iterations):

@@ -71,9 +71,27 @@ def test_fused_keeps_the_dtype_contract(device, dtype):
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
 def test_fused_takes_non_contiguous_inputs(layout):
-    q, k, v = sample_inputs((2, 3, 5, 6, 7), layout=layout)
-    torch.testing.assert_close(ops.criss_cross_attention(q, k, v, fused=True),
-                               reference.criss_cross_attention(q, k, v), atol=1e-10, rtol=1e-10)
+    """Forward and gradients, the gradient of the output non-contiguous too."""
+    q, k, v = sample_inputs((2, 3, 5, 6, 7), layout=layout, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).transpose(2, 3)
+    ours = _grads(lambda a, b, c: ops.criss_cross_attention(a, b, c, fused=True), q, k, v, grad)
+    ref = _grads(reference.criss_cross_attention, q, k, v, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_fused_float16_stays_in_range():
+    """Weights that sum to 1 meet the values: a flat attention over a 256-pixel row of values of
+    300 gives 300, not the float16 overflow of their sum."""
+    q = torch.zeros(1, 4, 2, 256, dtype=torch.float16)
+    v = torch.full((1, 2, 2, 256), 300.0, dtype=torch.float16)
+    out = ops.criss_cross_attention(q, q, v, fused=True)
+    assert torch.isfinite(out).all() and torch.allclose(out.float(), torch.full_like(out.float(), 300.0))
+
+
+def test_fused_on_meta_tensors_gives_the_shape():
+    q, v = torch.empty(1, 2, 3, 4, device="meta"), torch.empty(1, 5, 3, 4, device="meta")
+    assert ops.criss_cross_attention(q, q, v, fused=True).shape == (1, 5, 3, 4)
 
 
 def test_fused_never_holds_the_map():
@@ -112,12 +130,19 @@ def test_fused_is_chosen_by_size_with_the_compiled_implementation():
 
 
 def test_fused_under_autocast_runs_in_the_autocast_dtype():
-    q, k, v = sample_inputs((1, 4, 8, 7, 9), dtype=torch.float32)
+    """Forward and backward: the op sees the inputs cast to bfloat16 (the cast passes the gradient
+    through to the float32 leaves)."""
+    q, k, v = sample_inputs((1, 4, 8, 7, 9), dtype=torch.float32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ops.criss_cross_attention(q, k, v, fused=True)
     assert out.dtype == torch.bfloat16
-    expected = criss_cross_attention_fused(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    expected = criss_cross_attention_fused(*low)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    for g, e in zip(grads, torch.autograd.grad(expected.float().sum(), low)):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e.float(), atol=0, rtol=0)
 
 
 def test_fused_backward_is_not_differentiable_twice():

@@ -64,7 +64,7 @@ def per_pixel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 def forward_and_grads(impl: str, q, k, v, seed: int = 1):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = ops.criss_cross_attention(q, k, v, implementation=impl)
+    out = ops.criss_cross_attention(q, k, v, implementation=impl, fused=False)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     out.backward(grad.to(out))
     return [out.detach(), q.grad, k.grad, v.grad]
@@ -193,7 +193,7 @@ def test_compiled_matches_reference_property(lib, N, Cq, C, H, W, layout, seed):
 def test_compiled_path_runs_the_kernels(lib):
     q, k, v = sample_inputs((1, 2, 3, 4, 5), requires_grad=True)
     with OpRecorder() as rec:
-        ops.criss_cross_attention(q, k, v, implementation="compiled").sum().backward()
+        ops.criss_cross_attention(q, k, v, implementation="compiled", fused=False).sum().backward()
     assert {"ccnet_ops.cc_energy.default", "ccnet_ops.cc_aggregate.default",
             "ccnet_ops.cc_scatter.default"} <= set(rec.names)
     with OpRecorder() as rec:
@@ -213,7 +213,7 @@ def test_centre_pixel_counted_once(lib, impl, device):
     q = torch.zeros(N, 2, H, W, dtype=torch.float64, device=device)
     v = torch.zeros(N, C, H, W, dtype=torch.float64, device=device)
     v[0, 0, yc, xc] = 1.0
-    out = ops.criss_cross_attention(q, q.clone(), v, implementation=impl)[0, 0].cpu()
+    out = ops.criss_cross_attention(q, q.clone(), v, implementation=impl, fused=False)[0, 0].cpu()
     expected = torch.zeros(H, W, dtype=torch.float64)
     expected[yc, :] = 1.0 / (H + W - 1)  # every pixel on the centre's row sees it once
     expected[:, xc] = 1.0 / (H + W - 1)  # and every pixel on its column
@@ -225,7 +225,7 @@ def test_centre_pixel_counted_once(lib, impl, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(lib, device):
     q, k, v = sample_inputs((2, 2, 3, 4, 5), device=device, requires_grad=True)
-    fn = lambda q, k, v: ops.criss_cross_attention(q, k, v, implementation="compiled")  # noqa: E731
+    fn = lambda q, k, v: ops.criss_cross_attention(q, k, v, implementation="compiled", fused=False)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
     assert torch.autograd.gradgradcheck(fn, (q, k, v))
 
@@ -264,7 +264,7 @@ def test_torch_compile_fullgraph(lib, device):
     q, k, v = sample_inputs((2, 4, 6, 9, 7), device=device, dtype=torch.float32, requires_grad=True)
 
     def head(q, k, v):
-        return (ops.criss_cross_attention(q, k, v, implementation="compiled") * 2.0 + v).square().mean()
+        return (ops.criss_cross_attention(q, k, v, implementation="compiled", fused=False) * 2.0 + v).square().mean()
 
     compiled = torch.compile(head, fullgraph=True)
     loss = compiled(q, k, v)
@@ -301,7 +301,7 @@ def _bad_inputs():
 def test_bad_input_raises_clear_error(lib, impl, case):
     args, error, words = _bad_inputs()[case]
     with pytest.raises(error, match=words):
-        ops.criss_cross_attention(*args, implementation=impl)
+        ops.criss_cross_attention(*args, implementation=impl, fused=False)
 
 
 def test_kernels_check_their_own_arguments(lib):
@@ -539,12 +539,12 @@ def test_fuzzed_inputs_to_the_op(lib, inputs):
     FUZZ_TRIED["op"] += 1
     if not valid:
         with pytest.raises((ValueError, TypeError), match=CLEAR_ERROR):
-            ops.criss_cross_attention(q, k, v, implementation="compiled")
+            ops.criss_cross_attention(q, k, v, implementation="compiled", fused=False)
         return
     FUZZ_TRIED["op_valid"] += 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # meta tensors: "the reference runs on this device instead"
-        out = ops.criss_cross_attention(q, k, v, implementation="compiled")
+        out = ops.criss_cross_attention(q, k, v, implementation="compiled", fused=False)
     assert out.shape == v.shape and out.dtype == v.dtype and out.device == v.device
     if q.device.type == "meta":
         return
