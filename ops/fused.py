@@ -52,8 +52,8 @@ def _no_autocast(device_type: str):
 def criss_cross_attention_fused(q: Tensor, k: Tensor, v: Tensor, *, block: int | None = None) -> Tensor:
     """out (N, C, H, W) from query, key (N, C', H, W) and value (N, C, H, W), without the map.
 
-    block: rows (and columns) per block; by default as many as keep a block's energies within
-    the value tensor's number of elements.
+    block: rows (and columns) per block; by default at most a quarter of them (rounded up), and
+    no more than keep a block's energies within the value tensor's number of elements.
     """
     q, k, v = autocast_inputs(q, k, v)
     check_inputs(q, k, v)

@@ -39,11 +39,12 @@ def _grads(fn, q, k, v, grad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("block", [None, 1, 2])
+@pytest.mark.parametrize("block", [None, 1, 2, 100], ids=["default", "1", "2", "whole"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_matches_reference_float64(device, shape, block):
     """Output and every gradient, in float64, with blocks of 1 and 2 rows and columns (the
-    merge across blocks) and whole passes; one row and one column (no column pixel)."""
+    merge across blocks), the default blocks and whole passes; one row and one column (no
+    column pixel)."""
     q, k, v = sample_inputs(shape, device=device, requires_grad=True)
     grad = torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(1)).to(device)
     ours = _grads(lambda a, b, c: criss_cross_attention_fused(a, b, c, block=block), q, k, v, grad)

@@ -258,7 +258,7 @@ def test_embedded_default_is_the_default_preset():
 
 def test_alias_moves_only_for_a_better_score_under_the_same_protocol(pipeline_run, monkeypatch):
     """Both branches, and scores measured differently are never compared. The versions go to the
-    registry at the given URI, never to the process's default (the environment's here)."""
+    registry at the given URI, never to the process's default registry (the environment's here)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.register import register_model
