@@ -98,6 +98,18 @@ def _energies(qb: Tensor, kb: Tensor, acc: torch.dtype, diagonal: bool) -> Tenso
     return e
 
 
+def _pass_block(q: Tensor, k: Tensor, v: Tensor, which: str, b: slice, acc: torch.dtype):
+    """One block of a pass: the per-pixel max and sum of its energies ((b, N, P), in ``acc``) and
+    its own softmax output ((b, N, P, C), in v's dtype). The weights sum to 1 when they meet the
+    value, so the product stays within max |v| (float16 too)."""
+    qb, kb, vb = (_view(t, which, b).contiguous() for t in (q, k, v))
+    e = _energies(qb, kb, acc, diagonal=which == "row")
+    m = e.amax(-1, keepdim=True)
+    p = torch.exp(e.sub_(m))
+    s = p.sum(-1, keepdim=True)
+    return m.squeeze(-1), s.squeeze(-1), torch.matmul(p.div_(s).to(v.dtype), vb)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, block: int | None) -> tuple[Tensor, Tensor]:
     """(out (N, C, H, W) in v's dtype, log-sum-exp (N, H, W) in the accumulation dtype)."""
     N, C, H, W = v.shape
@@ -106,25 +118,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, block: int | None) -> tuple[Tensor
     m_row = torch.empty(N, H, W, dtype=acc, device=v.device)
     s_row = torch.empty_like(m_row)
     for b in _blocks(H, W, C, block):  # the row pass: its own max, sum and (normalised) output
-        qb, kb, vb = (_view(t, "row", b).contiguous() for t in (q, k, v))
-        e = _energies(qb, kb, acc, diagonal=True)
-        m = e.amax(-1, keepdim=True)
-        p = torch.exp(e.sub_(m))
-        s = p.sum(-1, keepdim=True)
-        _pixels(m_row, "row", b).copy_(m.squeeze(-1))
-        _pixels(s_row, "row", b).copy_(s.squeeze(-1))
-        # weights that sum to 1 meet the value: the product stays within max |v| (float16 too)
-        _view(out, "row", b).copy_(torch.matmul(p.div_(s).to(v.dtype), vb))
+        m, s, o = _pass_block(q, k, v, "row", b, acc)
+        _pixels(m_row, "row", b).copy_(m)
+        _pixels(s_row, "row", b).copy_(s)
+        _view(out, "row", b).copy_(o)
     if H == 1:  # one row: no column pixel besides the pixel itself
         return out.to(v.dtype), m_row + torch.log(s_row)
     lse = torch.empty_like(m_row)
     for b in _blocks(W, H, C, block):  # the column pass, merged into the rows' by (max, sum)
-        qb, kb, vb = (_view(t, "column", b).contiguous() for t in (q, k, v))
-        e = _energies(qb, kb, acc, diagonal=False)
-        m_col = e.amax(-1)
-        p = torch.exp(e.sub_(m_col.unsqueeze(-1)))
-        s_col = p.sum(-1)
-        o_col = torch.matmul(p.div_(s_col.unsqueeze(-1)).to(v.dtype), vb).to(acc)
+        m_col, s_col, o_col = _pass_block(q, k, v, "column", b, acc)
+        o_col = o_col.to(acc)
         m_r, s_r = _pixels(m_row, "column", b), _pixels(s_row, "column", b)
         m = torch.maximum(m_r, m_col)
         w_row, w_col = s_r * torch.exp(m_r - m), s_col * torch.exp(m_col - m)  # each pass's share

@@ -96,18 +96,32 @@ def floor_seconds(kernel: Kernel, gpu: dict, path: str) -> float:
     return max(kernel.bytes / gpu["bandwidth"], compute)
 
 
+def _kernels(shape: tuple[int, int, int, int, int], dtype: str, fused: bool) -> list[Kernel]:
+    return (fused_kernels if fused else kernels)(*shape, dtype)
+
+
 def floors(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False,
            fused: bool = False) -> dict[str, float]:
     """Total floor in seconds per GPU, forward + backward (of the fused mode with ``fused``)."""
     path = math_path(dtype, tf32)
-    ks = (fused_kernels if fused else kernels)(*shape, dtype)
+    ks = _kernels(shape, dtype, fused)
     return {name: sum(floor_seconds(k, gpu, path) for k in ks) for name, gpu in GPUS.items()}
 
 
 def hbm_floors(shape: tuple[int, int, int, int, int], dtype: str, fused: bool = False) -> dict[str, float]:
     """Seconds per GPU to move the bytes alone, forward + backward: the HBM floor."""
-    ks = (fused_kernels if fused else kernels)(*shape, dtype)
+    ks = _kernels(shape, dtype, fused)
     return {name: sum(k.bytes for k in ks) / gpu["bandwidth"] for name, gpu in GPUS.items()}
+
+
+def _kernel_rows(ks: list[Kernel], path: str, names: list[str]) -> list[str]:
+    """The table's header and one row per kernel: MB moved, GFLOP, the floor on each GPU."""
+    lines = ["| kernel | MB moved | GFLOP | " + " | ".join(f"{n} floor us" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for k in ks:
+        cells = [f"{floor_seconds(k, GPUS[n], path) * 1e6:.2f}" for n in names]
+        lines.append(f"| {k.name} | {k.bytes / 1e6:.2f} | {k.flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False) -> str:
@@ -115,22 +129,12 @@ def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False)
     ks = kernels(*shape, dtype)
     names = list(GPUS)
     lines = [(f"criss-cross attention on CUDA, forward + backward: (N, C', C, H, W) = {shape}, {dtype} "
-              f"(GEMMs on {path})"), "",
-             "| kernel | MB moved | GFLOP | " + " | ".join(f"{n} floor us" for n in names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for k in ks:
-        cells = [f"{floor_seconds(k, GPUS[n], path) * 1e6:.2f}" for n in names]
-        lines.append(f"| {k.name} | {k.bytes / 1e6:.2f} | {k.flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+              f"(GEMMs on {path})"), "", *_kernel_rows(ks, path, names)]
     total = floors(shape, dtype, tf32)
     lines.append(f"| **total** | {sum(k.bytes for k in ks) / 1e6:.2f} | {sum(k.flops for k in ks) / 1e9:.3f} | "
                  + " | ".join(f"**{total[n] * 1e6:.1f}**" for n in names) + " |")
     fused = fused_kernels(*shape, dtype)
-    lines += ["", "the fused mode (no attention map through HBM):", "",
-              "| kernel | MB moved | GFLOP | " + " | ".join(f"{n} floor us" for n in names) + " |",
-              "|---|---|---|" + "---|" * len(names)]
-    for k in fused:
-        cells = [f"{floor_seconds(k, GPUS[n], path) * 1e6:.2f}" for n in names]
-        lines.append(f"| {k.name} | {k.bytes / 1e6:.2f} | {k.flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "the fused mode (no attention map through HBM):", "", *_kernel_rows(fused, path, names)]
     total, hbm = floors(shape, dtype, tf32, fused=True), hbm_floors(shape, dtype, fused=True)
     lines.append(f"| **total** (HBM alone) | {sum(k.bytes for k in fused) / 1e6:.2f} | "
                  f"{sum(k.flops for k in fused) / 1e9:.3f} | "
