@@ -104,6 +104,17 @@ def test_compiled_matches_reference_float64(lib, device, shape):
                      torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("W", [3, 5, 8, 11, 12, 14, 16, 21, 24, 29])
+def test_every_cpu_column_tile_matches_reference(lib, dtype, W):
+    """The CPU column passes tile x by the wide vector (16 float32 or 8 float64 lanes with
+    AVX-512, else 8 or 4) and finish with a narrow one (8 or 4 lanes) or a masked wide one; these
+    widths give every kind of tile, full and partial, for either build. H = 101 splits the
+    column energy into several row blocks, the last one short."""
+    q, k, v = sample_inputs((1, 2, 3, 101, W), dtype=dtype)
+    assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v), dtype)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 96, 97, 97)])
 def test_compiled_matches_reference_float32_cpu(lib, shape):
     q, k, v = sample_inputs(shape, dtype=torch.float32)

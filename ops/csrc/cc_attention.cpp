@@ -25,9 +25,10 @@
 #include <cstring>
 #include <string_view>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -37,19 +38,15 @@
 namespace ccnet_ops {
 namespace {
 
-// A 32-byte SIMD vector (GCC/Clang vector extension); the compiler lowers it to AVX, SSE or
-// scalar code depending on the target.
-template <typename T>
+// A SIMD vector of Bytes bytes (GCC/Clang vector extension); the compiler lowers it to
+// AVX-512, AVX, SSE or scalar code depending on the target.
+template <typename T, int Bytes>
 struct Vec {
-  typedef T V __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 32 / sizeof(T);
+  using Scalar = T;
+  typedef T V __attribute__((vector_size(Bytes)));
+  static constexpr int64_t kLanes = Bytes / sizeof(T);
 
   static inline V zero() { return V{}; }
-  static inline V splat(T s) {
-    V v;
-    for (int64_t l = 0; l < kLanes; ++l) v[l] = s;  // compiles to one broadcast
-    return v;
-  }
   // Loads n <= kLanes elements, zero filling the rest; Full means n == kLanes. The partial
   // forms are masked loads and stores, so a tail never reads or writes past the tensor.
   template <bool Full>
@@ -71,47 +68,95 @@ struct Vec {
     }
   }
   static inline V load_part(const T* p, int64_t n) {
+#if defined(__AVX512F__)
+    if constexpr (Bytes == 64) {
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      if constexpr (sizeof(T) == 4) return (V)_mm512_maskz_loadu_ps(m, p);
+      else return (V)_mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p);
+    }
+#endif
 #if defined(__AVX512VL__)
-    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
-    if constexpr (sizeof(T) == 4) return (V)_mm256_maskz_loadu_ps(m, p);
-    else return (V)_mm256_maskz_loadu_pd(m, p);
-#else
+    if constexpr (Bytes == 32) {
+      const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+      if constexpr (sizeof(T) == 4) return (V)_mm256_maskz_loadu_ps(m, p);
+      else return (V)_mm256_maskz_loadu_pd(m, p);
+    }
+#endif
     V v = zero();
     for (int64_t l = 0; l < n; ++l) v[l] = p[l];
     return v;
-#endif
   }
   static inline void store_part(T* p, V v, int64_t n) {
-#if defined(__AVX512VL__)
-    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
-    if constexpr (sizeof(T) == 4) _mm256_mask_storeu_ps(p, m, (__m256)v);
-    else _mm256_mask_storeu_pd(p, m, (__m256d)v);
-#else
-    for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+#if defined(__AVX512F__)
+    if constexpr (Bytes == 64) {
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, m, (__m512)v);
+      else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), (__m512d)v);
+      return;
+    }
 #endif
-  }
-  static inline T sum(V v) {
-    T s = 0;
-    for (int64_t l = 0; l < kLanes; ++l) s += v[l];
-    return s;
+#if defined(__AVX512VL__)
+    if constexpr (Bytes == 32) {
+      const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+      if constexpr (sizeof(T) == 4) _mm256_mask_storeu_ps(p, m, (__m256)v);
+      else _mm256_mask_storeu_pd(p, m, (__m256d)v);
+      return;
+    }
+#endif
+    for (int64_t l = 0; l < n; ++l) p[l] = v[l];
   }
 };
 
-// Register tiles: AVX-512VL gives 32 vector registers, older targets 16.
-#if defined(__AVX512VL__)
+// AVX-512 gives 32 vector registers of 64 bytes, so tiles of 16 float lanes along x and twice
+// the register tile; older targets 16 registers of 32 bytes.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kWide = 2;
+#elif defined(__AVX512VL__)
+constexpr int kVecBytes = 32;
 constexpr int kWide = 2;
 #else
+constexpr int kVecBytes = 32;
 constexpr int kWide = 1;
 #endif
 
-// Runs f.template operator()<true>() for a full vector, <false>() for a tail.
-template <typename F>
-inline void dispatch_full(bool full, const F& f) {
-  if (full) {
-    f(std::true_type{});
+template <typename T>
+using WideVec = Vec<T, kVecBytes>;  // the vector of a column tile
+template <typename T>
+using NarrowVec = Vec<T, 32>;       // the vector of a tail tile that half a wide one holds
+
+// Calls f(VT{}, std::bool_constant<Full>{}) with the vector type for a column tile of nx lanes:
+// the wide vector for a full tile; for a tail, the narrow one where it holds the tail (a wide
+// tile that is mostly padding would do twice the work), else the wide one with masks.
+template <typename T, typename F>
+inline void dispatch_tile(int64_t nx, const F& f) {
+  using Wide = WideVec<T>;
+  using Narrow = NarrowVec<T>;
+  if (nx == Wide::kLanes) {
+    f(Wide{}, std::true_type{});
+  } else if (Narrow::kLanes < Wide::kLanes && nx <= Narrow::kLanes) {
+    if (nx == Narrow::kLanes) {
+      f(Narrow{}, std::true_type{});
+    } else {
+      f(Narrow{}, std::false_type{});
+    }
   } else {
-    f(std::false_type{});
+    f(Wide{}, std::false_type{});
   }
+}
+
+// Per-thread scratch memory for the packed operands of one work item (a few MB at most), kept
+// between calls and never zero filled: a fresh buffer per item would cost page faults and a
+// memset as large as the pack. Slot tells apart the buffers one thread holds at once.
+template <typename V, int Slot>
+V* scratch(int64_t n) {
+  thread_local std::unique_ptr<V[]> buffer;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    buffer.reset(new V[n]);
+    size = n;
+  }
+  return buffer.get();
 }
 
 // Column passes of cc_aggregate (Scatter = false) and cc_scatter (Scatter = true):
@@ -124,27 +169,30 @@ inline void dispatch_full(bool full, const F& f) {
 constexpr int kMixRows = 3;  // RM: output rows per register tile
 
 // Reads the column slots of one SIMD column tile plane by plane, in memory order, into the
-// zero-initialised pack: entry (m / RM, t, m % RM) holds weight(m, t).
-template <typename T, bool Scatter, bool Full>
-void pack_column_weights(const T* attn, typename Vec<T>::V* pack, int64_t x0, int64_t nx,
+// pack: entry (m / RM, t, m % RM) holds weight(m, t); the entries without a slot (t == m, and
+// the rows m >= H that pad the last block) hold zero.
+template <typename VT, bool Scatter, bool Full>
+void pack_column_weights(const typename VT::Scalar* attn, typename VT::V* pack, int64_t x0, int64_t nx,
                          int64_t H, int64_t W) {
   constexpr int RM = kMixRows;
+  for (int64_t m = 0; m < H; ++m) pack[(m / RM * H + m) * RM + m % RM] = VT::zero();
+  for (int64_t m = H; m < (H + RM - 1) / RM * RM; ++m)
+    for (int64_t t = 0; t < H; ++t) pack[(m / RM * H + t) * RM + m % RM] = VT::zero();
   for (int64_t j = 0; j < H - 1; ++j)
     for (int64_t y = 0; y < H; ++y) {
       const int64_t k = column_pixel(j, y);  // query row y reads key row k
       const int64_t m = Scatter ? k : y, t = Scatter ? y : k;
-      pack[(m / RM * H + t) * RM + m % RM] = Vec<T>::template load<Full>(attn + attn_offset(W + j, y, x0, H, W), nx);
+      pack[(m / RM * H + t) * RM + m % RM] = VT::template load<Full>(attn + attn_offset(W + j, y, x0, H, W), nx);
     }
 }
 
-template <typename T, bool Full>
-void column_mix_tile(const T* in, const typename Vec<T>::V* w_pack, T* out, int64_t c_begin,
-                     int64_t c_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
-  using VT = Vec<T>;
+template <typename VT, bool Full>
+void column_mix_tile(const typename VT::Scalar* in, const typename VT::V* w_pack, typename VT::Scalar* out,
+                     int64_t c_begin, int64_t c_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   using V = typename VT::V;
   constexpr int RC = 4 * kWide, RM = kMixRows;
   const int64_t plane = H * W;
-  std::vector<V> in_pack(H * RC);
+  V* in_pack = scratch<V, 4>(H * RC);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += RC) {
     for (int64_t t = 0; t < H; ++t)
       for (int r = 0; r < RC; ++r)
@@ -154,14 +202,14 @@ void column_mix_tile(const T* in, const typename Vec<T>::V* w_pack, T* out, int6
     for (int64_t m0 = 0; m0 < H; m0 += RM) {
       V acc[RC][RM] = {};
       const V* wv = w_pack + m0 * H;
-      const V* iv = in_pack.data();
+      const V* iv = in_pack;
       for (int64_t t = 0; t < H; ++t, wv += RM, iv += RC)
         for (int r = 0; r < RC; ++r)
           for (int j = 0; j < RM; ++j) acc[r][j] += iv[r] * wv[j];
       const int64_t cols = std::min<int64_t>(RM, H - m0);
       for (int r = 0; r < rows; ++r)
         for (int j = 0; j < cols; ++j) {
-          T* o = out + (c0 + r) * plane + (m0 + j) * W + x0;
+          auto* o = out + (c0 + r) * plane + (m0 + j) * W + x0;
           VT::template store<Full>(o, VT::template load<Full>(o, nx) + acc[r][j], nx);
         }
     }
@@ -170,15 +218,20 @@ void column_mix_tile(const T* in, const typename Vec<T>::V* w_pack, T* out, int6
 
 // Column part of cc_energy for query rows [y_begin, y_end) and SIMD columns [x0, x0 + nx):
 //   e[W + column_slot(k, y), y, x] = sum_c a[c, y, x] * b[c, k, x]      (k != y)
-// Both operands are packed channel-major first, so the inner loop reads contiguous memory.
-template <typename T, bool Full>
-void energy_column_tile(const T* a, const T* b, T* e, int64_t C, int64_t y_begin, int64_t y_end,
-                        int64_t x0, int64_t nx, int64_t H, int64_t W) {
-  using VT = Vec<T>;
+// Both operands are packed channel-major first, so the inner loop reads contiguous memory. The
+// sum over channels runs kEnergyChannels at a time, so that a block of the key pack stays in L1
+// while every query block reads it; partial sums wait in a small buffer between blocks.
+constexpr int64_t kEnergyChannels = 64;
+
+template <typename VT, bool Full>
+void energy_column_tile(const typename VT::Scalar* a, const typename VT::Scalar* b, typename VT::Scalar* e,
+                        int64_t C, int64_t y_begin, int64_t y_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   using V = typename VT::V;
   constexpr int RY = kWide == 2 ? 3 : 2, RK = kWide == 2 ? 6 : 4;
   const int64_t plane = H * W, y_blocks = (y_end - y_begin + RY - 1) / RY;
-  std::vector<V> a_pack(y_blocks * C * RY), b_pack(C * RK);
+  V* a_pack = scratch<V, 0>(y_blocks * C * RY);
+  V* b_pack = scratch<V, 1>(C * RK);
+  V* partial = scratch<V, 2>(y_blocks * RY * RK);
   for (int64_t yb = 0; yb < y_blocks; ++yb)
     for (int64_t c = 0; c < C; ++c)
       for (int j = 0; j < RY; ++j) {
@@ -190,20 +243,31 @@ void energy_column_tile(const T* a, const T* b, T* e, int64_t C, int64_t y_begin
     for (int r = 0; r < RK; ++r) ks[r] = std::min<int64_t>(k0 + r, H - 1);
     for (int64_t c = 0; c < C; ++c)
       for (int r = 0; r < RK; ++r) b_pack[c * RK + r] = VT::template load<Full>(b + c * plane + ks[r] * W + x0, nx);
-    for (int64_t yb = 0; yb < y_blocks; ++yb) {
-      V acc[RY][RK] = {};
-      for (int64_t c = 0; c < C; ++c) {
-        const V* av = &a_pack[(yb * C + c) * RY];
-        const V* bv = &b_pack[c * RK];
+    for (int64_t c0 = 0; c0 < C; c0 += kEnergyChannels) {
+      const int64_t c1 = std::min(C, c0 + kEnergyChannels);
+      for (int64_t yb = 0; yb < y_blocks; ++yb) {
+        V acc[RY][RK];
+        V* held = &partial[yb * RY * RK];
         for (int j = 0; j < RY; ++j)
-          for (int r = 0; r < RK; ++r) acc[j][r] += av[j] * bv[r];
+          for (int r = 0; r < RK; ++r) acc[j][r] = c0 == 0 ? VT::zero() : held[j * RK + r];
+        for (int64_t c = c0; c < c1; ++c) {
+          const V* av = &a_pack[(yb * C + c) * RY];
+          const V* bv = &b_pack[c * RK];
+          for (int j = 0; j < RY; ++j)
+            for (int r = 0; r < RK; ++r) acc[j][r] += av[j] * bv[r];
+        }
+        if (c1 < C) {
+          for (int j = 0; j < RY; ++j)
+            for (int r = 0; r < RK; ++r) held[j * RK + r] = acc[j][r];
+          continue;
+        }
+        const int64_t y0 = y_begin + yb * RY;
+        const int64_t rows = std::min<int64_t>(RY, y_end - y0), cols = std::min<int64_t>(RK, H - k0);
+        for (int j = 0; j < rows; ++j)
+          for (int r = 0; r < cols; ++r)
+            if (ks[r] != y0 + j)
+              VT::template store<Full>(e + column_weight_offset(ks[r], y0 + j, x0, H, W), acc[j][r], nx);
       }
-      const int64_t y0 = y_begin + yb * RY;
-      const int64_t rows = std::min<int64_t>(RY, y_end - y0), cols = std::min<int64_t>(RK, H - k0);
-      for (int j = 0; j < rows; ++j)
-        for (int r = 0; r < cols; ++r)
-          if (ks[r] != y0 + j)
-            VT::template store<Full>(e + column_weight_offset(ks[r], y0 + j, x0, H, W), acc[j][r], nx);
     }
   }
 }
@@ -212,7 +276,7 @@ void energy_column_tile(const T* a, const T* b, T* e, int64_t C, int64_t y_begin
 // tiles innermost: a thread's consecutive items then share the cache lines of their rows.
 template <typename T, typename F>
 void parallel_columns(int64_t N, int64_t W, int64_t blocks, const F& f) {
-  constexpr int64_t VL = Vec<T>::kLanes;
+  constexpr int64_t VL = WideVec<T>::kLanes;
   const int64_t tiles = (W + VL - 1) / VL;
   at::parallel_for(0, N * tiles * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -311,13 +375,13 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
     scalar_t* pe = e.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
     if (H == 1) return;  // a single row has no column slots
-    constexpr int64_t kRowsPerItem = 12;
+    constexpr int64_t kRowsPerItem = 49;
     parallel_columns<scalar_t>(N, W, (H + kRowsPerItem - 1) / kRowsPerItem,
                                [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
       const int64_t y0 = block * kRowsPerItem, y1 = std::min(H, y0 + kRowsPerItem);
-      dispatch_full(nx == Vec<scalar_t>::kLanes, [&](auto full) {
-        energy_column_tile<scalar_t, decltype(full)::value>(pa + n * feat, pb + n * feat, pe + n * map,
-                                                            C, y0, y1, x0, nx, H, W);
+      dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
+        energy_column_tile<decltype(vt), decltype(full)::value>(pa + n * feat, pb + n * feat, pe + n * map,
+                                                                C, y0, y1, x0, nx, H, W);
       });
     });
   });
@@ -340,23 +404,29 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
     if (H == 1) return;
-    using VT = Vec<scalar_t>;
-    const int64_t tiles = (W + VT::kLanes - 1) / VT::kLanes;
+    using Wide = WideVec<scalar_t>;
+    const int64_t tiles = (W + Wide::kLanes - 1) / Wide::kLanes;
     const int64_t tile_pack = (H + kMixRows - 1) / kMixRows * kMixRows * H;  // vectors
-    std::vector<typename VT::V> w_pack(N * tiles * tile_pack, VT::zero());
+    // one wide pack per tile, as large as the map's column part, so allocated per call (not
+    // zero filled: the packing writes every entry); a tail tile of narrow vectors uses the
+    // first half of its own
+    const std::unique_ptr<typename Wide::V[]> packs(new typename Wide::V[N * tiles * tile_pack]);
+    typename Wide::V* w_pack = packs.get();
+    const auto pack_of = [&](auto vt, int64_t n, int64_t x0) {
+      return reinterpret_cast<typename decltype(vt)::V*>(&w_pack[(n * tiles + x0 / Wide::kLanes) * tile_pack]);
+    };
     parallel_columns<scalar_t>(N, W, 1, [&](int64_t n, int64_t x0, int64_t nx, int64_t) {
-      dispatch_full(nx == VT::kLanes, [&](auto full) {
-        pack_column_weights<scalar_t, Scatter, decltype(full)::value>(
-            pw + n * map, &w_pack[(n * tiles + x0 / VT::kLanes) * tile_pack], x0, nx, H, W);
+      dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
+        pack_column_weights<decltype(vt), Scatter, decltype(full)::value>(pw + n * map, pack_of(vt, n, x0), x0,
+                                                                         nx, H, W);
       });
     });
     parallel_columns<scalar_t>(N, W, (C + kChannelBlock - 1) / kChannelBlock,
                                [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
       const int64_t c0 = block * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-      dispatch_full(nx == VT::kLanes, [&](auto full) {
-        column_mix_tile<scalar_t, decltype(full)::value>(
-            pf + n * feat, &w_pack[(n * tiles + x0 / VT::kLanes) * tile_pack], po + n * feat, c0, c1,
-            x0, nx, H, W);
+      dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
+        column_mix_tile<decltype(vt), decltype(full)::value>(pf + n * feat, pack_of(vt, n, x0), po + n * feat,
+                                                             c0, c1, x0, nx, H, W);
       });
     });
   });
