@@ -230,17 +230,19 @@ def device_name(device: torch.device) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and its widest SIMD (what the compiled kernels were built for, as
-    they are built with -march=native), from /proc/cpuinfo where there is one."""
+    """The CPU's model name and its widest SIMD (the compiled kernels are built with -march=native,
+    so for this CPU), from /proc/cpuinfo where there is one."""
+    from .extension import _cpu_signature
+
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    return f"{platform.machine()}, {name}" + (f", {simd}" if simd else "")
+        info = []
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith(("model name", "Model"))), "")
+    flags = _cpu_signature().split(":", 1)[-1].split()
+    simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"),
+                                           ("asimd", "NEON")) if flag in flags), None)
+    return ", ".join(part for part in (platform.machine(), name, simd) if part)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,10 +145,11 @@ inline void dispatch_tile(int64_t nx, const F& f) {
   }
 }
 
-// Per-thread scratch memory for the packed operands of one work item (about 3.6 KB per channel
-// for the column energy, 1.9 MB at C = 512 with AVX-512; less for the column passes), kept
-// between calls and never zero filled: a fresh buffer per item would cost page faults and a
-// memset as large as the pack. Slot tells apart the buffers one thread holds at once.
+// Per-thread scratch memory for the packed operands of one work item, kept between calls and
+// never zero filled: a fresh buffer per item would cost page faults and a memset as large as the
+// pack. Slot tells apart the buffers one thread holds at once. Each vector type (wide, narrow;
+// float, double) has its own, which only grows: for the column energy about 3.6 KB per channel
+// with AVX-512 (1.9 MB at C = 512), less for the column passes.
 template <typename V, int Slot>
 V* scratch(int64_t n) {
   thread_local std::unique_ptr<V[]> buffer;
@@ -342,8 +343,8 @@ void row_gemms(const at::Tensor& out, const at::Tensor& lhs, bool t_lhs, const a
 
 constexpr int64_t kChannelBlock = 32;  // channels per parallel work item of the column passes
 // The column energy's work items: at most kMaxEnergyRows query rows each (measured with C = 512 on
-// 2 threads: cc_energy took 18.2 ms at 12 rows an item, 13.2 ms at 49), and kItemsPerThread items
-// a thread where the rows allow, so that many cores still share the work.
+// 2 threads: cc_energy took 18.2 ms at 12 rows an item, 13.2 ms at 49), and about kItemsPerThread
+// items a thread where the rows allow, so that many cores still share the work (unmeasured there).
 constexpr int64_t kMaxEnergyRows = 49;
 constexpr int64_t kItemsPerThread = 4;
 
@@ -367,14 +368,14 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
     scalar_t* pe = e.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
     if (H == 1) return;  // a single row has no column slots
-    // Query rows per work item: up to kMaxEnergyRows (fewer items gather the key packs fewer
-    // times), but at least kItemsPerThread items per thread while rows allow.
+    // Query rows per work item: at most kMaxEnergyRows (fewer items gather the key packs fewer
+    // times), fewer where that leaves under kItemsPerThread items a thread; blocks of H / blocks
+    // rows, give or take one.
     const int64_t tiles = (W + WideVec<scalar_t>::kLanes - 1) / WideVec<scalar_t>::kLanes;
     const int64_t wanted = (kItemsPerThread * at::get_num_threads() + N * tiles - 1) / (N * tiles);
-    const int64_t blocks = std::min(H, std::max((H + kMaxEnergyRows - 1) / kMaxEnergyRows, wanted));
-    const int64_t rows = (H + blocks - 1) / blocks;
-    parallel_columns<scalar_t>(N, W, (H + rows - 1) / rows, [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
-      const int64_t y0 = block * rows, y1 = std::min(H, y0 + rows);
+    const int64_t blocks = std::max((H + kMaxEnergyRows - 1) / kMaxEnergyRows, std::min(H, wanted));
+    parallel_columns<scalar_t>(N, W, blocks, [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
+      const int64_t y0 = block * H / blocks, y1 = (block + 1) * H / blocks;
       dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
         energy_column_tile<decltype(vt), decltype(full)::value>(pa + n * feat, pb + n * feat, pe + n * map,
                                                                 C, y0, y1, x0, nx, H, W);
