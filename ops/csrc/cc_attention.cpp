@@ -112,9 +112,6 @@ struct Vec {
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 constexpr int kWide = 2;
-#elif defined(__AVX512VL__)
-constexpr int kVecBytes = 32;
-constexpr int kWide = 2;
 #else
 constexpr int kVecBytes = 32;
 constexpr int kWide = 1;
@@ -404,8 +401,8 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
     using Wide = WideVec<scalar_t>;
     const int64_t tiles = (W + Wide::kLanes - 1) / Wide::kLanes;
     const int64_t tile_pack = (H + kMixRows - 1) / kMixRows * kMixRows * H;  // vectors
-    // one wide pack per tile, as large as the map's column part, so allocated per call (not
-    // zero filled: the packing writes every entry); a tail tile of narrow vectors uses the
+    // one wide pack per tile, about the size of the map's column part, so allocated per call
+    // (not zero filled: the packing writes every entry); a tail tile of narrow vectors uses the
     // first half of its own
     const std::unique_ptr<typename Wide::V[]> packs(new typename Wide::V[N * tiles * tile_pack]);
     typename Wide::V* w_pack = packs.get();
