@@ -78,6 +78,61 @@ def test_cpu_kernels_take_reduced_precision(lib, dtype):
     assert_close_low(lib.cc_scatter(al, vl), scattered, dtype, "cc_scatter")
 
 
+def bf16_ulps(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|actual - expected| in units of the last place of bfloat16 at expected (8 significant bits)."""
+    mag = expected.double().abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+    return (actual.double() - expected.double()).abs() / ulp
+
+
+@pytest.mark.parametrize("blas", ["1", "0"])
+@pytest.mark.parametrize("W", [5, 16, 21, 29])
+def test_cpu_bfloat16_kernels_round_float32_sums_once(lib, monkeypatch, blas, W):
+    """bf16 runs natively on the CPU (no widened copies): each primitive is within one bf16 ulp of
+    the float32 kernels on the same inputs rounded once, and nearly all equal it. W gives full, partial, wide and narrow
+    column tiles; 37 rows give several row blocks; CCNET_OPS_CPU_BLAS=0 takes ATen's GEMMs for
+    the row slots instead of the BLAS's. A kernel that summed in bf16, rounded twice or read its
+    bf16 operands wrongly is many ulps off."""
+    monkeypatch.setenv("CCNET_OPS_CPU_BLAS", blas)
+    q, k, v = sample_inputs((2, 9, 40, 37, W), dtype=torch.float32)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    attn = torch.softmax(lib.cc_energy(q.float(), k.float()), dim=1).bfloat16()
+    for name, low, wide in (("cc_energy", lib.cc_energy(q, k), lib.cc_energy(q.float(), k.float())),
+                            ("cc_aggregate", lib.cc_aggregate(attn, v), lib.cc_aggregate(attn.float(), v.float())),
+                            ("cc_scatter", lib.cc_scatter(attn, v), lib.cc_scatter(attn.float(), v.float()))):
+        assert low.dtype == torch.bfloat16
+        ulps = bf16_ulps(low, wide.bfloat16())
+        assert ulps.max().item() <= 1, f"{name}: {ulps.max().item()} bf16 ulps from the float32 kernels' result"
+        # another summation order moves a float32 sum by about 2^-23 of it, so it crosses a bf16
+        # rounding boundary (2^-8 apart) about once in 2^15 values; truncating instead of rounding
+        # to nearest would miss every other one
+        assert (ulps == 0).double().mean().item() >= 0.99, f"{name}: {(ulps > 0).sum().item()} values differ"
+
+
+def test_cpu_bfloat16_accumulates_in_float32(lib):
+    """big + ones, big first: exact when summed in float32, while a bf16 sum loses each `+ 1`
+    (half an ulp of big), in the row slots and the column slots alike. The expected values are
+    integers that bf16 holds exactly, so the one final rounding is exact too."""
+    big = 2 / torch.finfo(torch.bfloat16).eps  # 256: its bf16 ulp is 2
+    N, C, H, W = 1, 17, 5, 19  # W: a full tile and a tail; L - 1 = 22 ones beside big
+    query = torch.ones(N, C, H, W, dtype=torch.bfloat16)
+    key = query.clone()
+    key[:, 0] = big  # channel 0 first in every energy's sum
+    energy = lib.cc_energy(query, key)
+    assert (energy.double() == big + C - 1).all(), energy.unique().tolist()
+    weights = torch.ones(N, H + W - 1, H, W, dtype=torch.bfloat16)
+    feature = torch.ones(N, 1, H, W, dtype=torch.bfloat16)
+    feature[..., 0, 0] = big  # pixel (0, 0): on the row or the column of every pixel of row 0 or column 0
+    probe = torch.zeros(feature.shape, dtype=torch.float64, requires_grad=True)
+    scattered, = torch.autograd.grad((reference.aggregate(weights.double(), probe) * feature.double()).sum(), probe)
+    for name, out, expected in (("cc_aggregate", lib.cc_aggregate(weights, feature),
+                                 reference.aggregate(weights.double(), feature.double())),
+                                ("cc_scatter", lib.cc_scatter(weights, feature), scattered)):
+        assert torch.equal(expected.bfloat16().double(), expected)  # bf16 holds every expected value
+        assert (expected > big).any() and (expected < big).any()
+        assert torch.equal(out.double(), expected), f"{name}: {out.unique().tolist()}"
+
+
 def test_primitives_cast_mixed_inputs_under_autocast(lib):
     """The registered ops carry the autocast rule themselves: a float32 attention map (the
     softmax's output) meets a bf16 value."""

@@ -18,6 +18,8 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,6 +40,13 @@
 namespace ccnet_ops {
 namespace {
 
+// A vector of E of Bytes bytes (GCC/Clang vector extension); E is a template parameter because
+// GCC drops vector_size from a non-dependent type that a class template declares.
+template <typename E, int Bytes>
+struct Simd {
+  typedef E V __attribute__((vector_size(Bytes)));
+};
+
 // A SIMD vector of Bytes bytes (GCC/Clang vector extension); the compiler lowers it to
 // AVX-512, AVX, SSE or scalar code depending on the target.
 template <typename T, int Bytes>
@@ -48,10 +57,14 @@ struct Vec {
 
   static inline V zero() { return V{}; }
   // Loads n <= kLanes elements, zero filling the rest; Full means n == kLanes. The partial
-  // forms are masked loads and stores, so a tail never reads or writes past the tensor.
-  template <bool Full>
-  static inline V load(const T* p, int64_t n) {
-    if constexpr (Full) {
+  // forms are masked loads and stores, so a tail never reads or writes past the tensor. A
+  // float vector also loads bfloat16 storage (S), widened exactly, and stores to it rounded to
+  // nearest even, as c10::BFloat16 rounds.
+  template <bool Full, typename S>
+  static inline V load(const S* p, int64_t n) {
+    if constexpr (!std::is_same_v<S, T>) {
+      return widen(load_bits<Full>(p, n));
+    } else if constexpr (Full) {
       V v;
       std::memcpy(&v, p, sizeof(V));
       return v;
@@ -59,13 +72,45 @@ struct Vec {
       return load_part(p, n);
     }
   }
-  template <bool Full>
-  static inline void store(T* p, V v, int64_t n) {
-    if constexpr (Full) {
+  template <bool Full, typename S>
+  static inline void store(S* p, V v, int64_t n) {
+    if constexpr (!std::is_same_v<S, T>) {
+      store_bits<Full>(p, narrow(v), n);
+    } else if constexpr (Full) {
       std::memcpy(p, &v, sizeof(V));
     } else {
       store_part(p, v, n);
     }
+  }
+
+  // bfloat16 is the upper half of a float32: kLanes of them fill half a vector.
+  using Bits = typename Simd<uint16_t, Bytes / 2>::V;
+  using Words = typename Simd<uint32_t, Bytes>::V;
+  template <bool Full>
+  static inline Bits load_bits(const c10::BFloat16* p, int64_t n) {
+    static_assert(std::is_same_v<T, float>, "bfloat16 storage widens to float vectors");
+    Bits b{};
+    std::memcpy(&b, p, (Full ? kLanes : n) * sizeof(uint16_t));
+    return b;
+  }
+  template <bool Full>
+  static inline void store_bits(c10::BFloat16* p, Bits b, int64_t n) {
+    std::memcpy(p, &b, (Full ? kLanes : n) * sizeof(uint16_t));
+  }
+  static inline V widen(Bits b) {
+    const Words w = __builtin_convertvector(b, Words) << 16;
+    V v;
+    std::memcpy(&v, &w, sizeof(V));
+    return v;
+  }
+  // c10::BFloat16's rounding: to nearest, ties to even; NaN to the quiet NaN 0x7FC0.
+  static inline Bits narrow(V v) {
+    Words w;
+    std::memcpy(&w, &v, sizeof(V));
+    const Words nan = reinterpret_cast<Words>(v != v);
+    w = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+    w = (w & ~nan) | (Words{} + 0x7FC0u & nan);
+    return __builtin_convertvector(w, Bits);
   }
   static inline V load_part(const T* p, int64_t n) {
 #if defined(__AVX512F__)
@@ -170,9 +215,8 @@ constexpr int kMixRows = 3;  // RM: output rows per register tile
 // Reads the column slots of one SIMD column tile plane by plane, in memory order, into the
 // pack: entry (m / RM, t, m % RM) holds weight(m, t); the entries without a slot (t == m, and
 // the rows m >= H that pad the last block) hold zero.
-template <typename VT, bool Scatter, bool Full>
-void pack_column_weights(const typename VT::Scalar* attn, typename VT::V* pack, int64_t x0, int64_t nx,
-                         int64_t H, int64_t W) {
+template <typename VT, bool Scatter, bool Full, typename S>
+void pack_column_weights(const S* attn, typename VT::V* pack, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   constexpr int RM = kMixRows;
   for (int64_t m = 0; m < H; ++m) pack[(m / RM * H + m) * RM + m % RM] = VT::zero();
   for (int64_t m = H; m < (H + RM - 1) / RM * RM; ++m)
@@ -185,8 +229,9 @@ void pack_column_weights(const typename VT::Scalar* attn, typename VT::V* pack, 
     }
 }
 
-template <typename VT, bool Full>
-void column_mix_tile(const typename VT::Scalar* in, const typename VT::V* w_pack, typename VT::Scalar* out,
+// out = sums + the column sums, rounded once to S; sums holds the row pass's (it may be out).
+template <typename VT, bool Full, typename S>
+void column_mix_tile(const S* in, const typename VT::V* w_pack, const typename VT::Scalar* sums, S* out,
                      int64_t c_begin, int64_t c_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   using V = typename VT::V;
   constexpr int RC = 4 * kWide, RM = kMixRows;
@@ -208,8 +253,8 @@ void column_mix_tile(const typename VT::Scalar* in, const typename VT::V* w_pack
       const int64_t cols = std::min<int64_t>(RM, H - m0);
       for (int r = 0; r < rows; ++r)
         for (int j = 0; j < cols; ++j) {
-          auto* o = out + (c0 + r) * plane + (m0 + j) * W + x0;
-          VT::template store<Full>(o, VT::template load<Full>(o, nx) + acc[r][j], nx);
+          const int64_t at = (c0 + r) * plane + (m0 + j) * W + x0;
+          VT::template store<Full>(out + at, VT::template load<Full>(sums + at, nx) + acc[r][j], nx);
         }
     }
   }
@@ -220,9 +265,9 @@ void column_mix_tile(const typename VT::Scalar* in, const typename VT::V* w_pack
 // Both operands are packed channel-major first, so the inner loop reads contiguous memory. The
 // key pack of RK rows is gathered from every channel plane once per call, so the more query rows
 // a call takes, the less that gathering costs each (energy_cpu chooses how many).
-template <typename VT, bool Full>
-void energy_column_tile(const typename VT::Scalar* a, const typename VT::Scalar* b, typename VT::Scalar* e,
-                        int64_t C, int64_t y_begin, int64_t y_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
+template <typename VT, bool Full, typename S>
+void energy_column_tile(const S* a, const S* b, S* e, int64_t C, int64_t y_begin, int64_t y_end, int64_t x0,
+                        int64_t nx, int64_t H, int64_t W) {
   using V = typename VT::V;
   constexpr int RY = kWide == 2 ? 3 : 2, RK = kWide == 2 ? 6 : 4;
   const int64_t plane = H * W, y_blocks = (y_end - y_begin + RY - 1) / RY;
@@ -277,41 +322,61 @@ void parallel_columns(int64_t N, int64_t W, int64_t blocks, const F& f) {
 //   aggregate: o[n, c, y, x] = sum_i v[n, c, y, i] * w[n, i, y, x]    O_y = V_y W_y
 //   scatter:   o[n, c, y, i] = sum_x g[n, c, y, x] * w[n, i, y, x]    O_y = G_y W_y^T
 // Every matrix is row-major with leading dimension H * W. They run on the BLAS that PyTorch
-// links (MKL, OpenBLAS), one sequential GEMM per row in parallel over rows; where PyTorch
-// exports no BLAS, or CCNET_OPS_CPU_BLAS=0 asks for it, ATen's bmm runs them.
+// links (MKL, OpenBLAS), one sequential GEMM per row in parallel over rows, bfloat16 operands
+// with float32 sums through MKL's gemm_bf16bf16f32; where PyTorch exports no such BLAS, or
+// CCNET_OPS_CPU_BLAS=0 asks for it, ATen's bmm runs them (bfloat16 into float32 on widened
+// copies), and a product stored in bfloat16 always runs there (oneDNN's bfloat16 GEMM).
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
             const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
+void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*,
+                       const int*) __attribute__((weak));
 }
 
 // Row-major out (m x n) = op(lhs) (m x k) * op(rhs) (k x n), every leading dimension ld; BLAS
 // is column-major, so it computes out^T = op(rhs)^T op(lhs)^T.
-template <typename T>
-void blas_gemm(bool t_lhs, bool t_rhs, int m, int n, int k, const T* lhs, const T* rhs, T* out, int ld) {
+template <typename T, typename Out>
+void blas_gemm(bool t_lhs, bool t_rhs, int m, int n, int k, const T* lhs, const T* rhs, Out* out, int ld) {
   const char ta = t_rhs ? 'T' : 'N', tb = t_lhs ? 'T' : 'N';
-  const T one = 1, zero = 0;
-  if constexpr (std::is_same_v<T, float>) {
+  const Out one = 1, zero = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    gemm_bf16bf16f32_(&ta, &tb, &n, &m, &k, &one, reinterpret_cast<const uint16_t*>(rhs), &ld,
+                      reinterpret_cast<const uint16_t*>(lhs), &ld, &zero, out, &ld);
+  } else if constexpr (std::is_same_v<T, float>) {
     sgemm_(&ta, &tb, &n, &m, &k, &one, rhs, &ld, lhs, &ld, &zero, out, &ld);
   } else {
     dgemm_(&ta, &tb, &n, &m, &k, &one, rhs, &ld, lhs, &ld, &zero, out, &ld);
   }
 }
 
+// Whether the BLAS that PyTorch exports has a GEMM from `in` operands to an `out` product.
+bool have_blas_gemm(at::ScalarType in, at::ScalarType out) {
+  if (in == at::kFloat && out == at::kFloat) return sgemm_ != nullptr;
+  if (in == at::kDouble && out == at::kDouble) return dgemm_ != nullptr;
+  if (in == at::kBFloat16 && out == at::kFloat) return gemm_bf16bf16f32_ != nullptr;
+  return false;
+}
+
 // out_y = op(lhs_y) op(rhs_y) for every image and row y, where out, lhs and rhs are (N, *, H, W)
 // tensors (possibly narrowed along dim 1) whose dims 2 and 3 are contiguous, and the matrices
-// of row y are their (dim 1, dim 3) slices at row y, transposed as asked.
+// of row y are their (dim 1, dim 3) slices at row y, transposed as asked. lhs and rhs share a
+// dtype; out has it too, or is float32 for bfloat16 operands.
 void row_gemms(const at::Tensor& out, const at::Tensor& lhs, bool t_lhs, const at::Tensor& rhs,
                bool t_rhs) {
   const int64_t N = out.size(0), H = out.size(2), W = out.size(3);
   const int64_t m = t_lhs ? lhs.size(3) : lhs.size(1), k = t_lhs ? lhs.size(1) : lhs.size(3);
   const int64_t n = t_rhs ? rhs.size(1) : rhs.size(3);
   const char* env = std::getenv("CCNET_OPS_CPU_BLAS");
-  const bool blas = !(env && std::string_view(env) == "0") &&
-                    (out.scalar_type() == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) &&
+  const bool blas = !(env && std::string_view(env) == "0") && have_blas_gemm(lhs.scalar_type(), out.scalar_type()) &&
                     std::max({m, n, k, H * W}) <= std::numeric_limits<int>::max();
+  if (!blas && lhs.scalar_type() != out.scalar_type()) {
+    row_gemms(out, lhs.to(out.scalar_type()), t_lhs, rhs.to(out.scalar_type()), t_rhs);
+    return;
+  }
   if (!blas) {
     const auto view = [](const at::Tensor& t, bool trans) {  // (N, H, rows, cols) per image row
       const at::Tensor r = t.transpose(1, 2);
@@ -324,15 +389,16 @@ void row_gemms(const at::Tensor& out, const at::Tensor& lhs, bool t_lhs, const a
     }
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "cc_row_gemms", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, lhs.scalar_type(), "cc_row_gemms", [&] {
+    using out_t = at::opmath_type<scalar_t>;
     const scalar_t *pl = lhs.const_data_ptr<scalar_t>(), *pr = rhs.const_data_ptr<scalar_t>();
-    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    out_t* po = out.mutable_data_ptr<out_t>();
     const int64_t sl = lhs.stride(0), sr = rhs.stride(0), so = out.stride(0);
     at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t i = item / H, y = item % H;
-        blas_gemm<scalar_t>(t_lhs, t_rhs, m, n, k, pl + i * sl + y * W, pr + i * sr + y * W,
-                            po + i * so + y * W, H * W);
+        blas_gemm<scalar_t, out_t>(t_lhs, t_rhs, m, n, k, pl + i * sl + y * W, pr + i * sr + y * W,
+                                   po + i * so + y * W, H * W);
       }
     });
   });
@@ -345,37 +411,51 @@ constexpr int64_t kChannelBlock = 32;  // channels per parallel work item of the
 constexpr int64_t kMaxEnergyRows = 49;
 constexpr int64_t kItemsPerThread = 4;
 
-// float16 and bfloat16 run the float32 kernels on widened copies and round the result once, so
-// every sum accumulates in float32, as on the GPU. The copies cost a pass over memory, small
-// next to the contractions, and the float32 path keeps its BLAS row GEMMs.
-bool reduced_precision(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
+// Every sum accumulates in float32 (float64 for float64) and is rounded once, as on the GPU.
+// bfloat16 runs natively: the column kernels widen it in registers and round their stores; the
+// row GEMMs are MKL's bfloat16 GEMM with float32 products where the aggregation needs them, and
+// oneDNN's for the energies where the CPU has bfloat16 dot products (AVX512_BF16, at several
+// times the float32 rate), else MKL's into float32, rounded after. float16 runs the float32
+// kernels on widened copies and rounds the result, a pass over memory each way.
+#if defined(__AVX512BF16__)
+constexpr bool kBFloat16Dot = true;
+#else
+constexpr bool kBFloat16Dot = false;
+#endif
+
+bool widened(const at::Tensor& t) { return t.scalar_type() == at::kHalf; }
 
 at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_energy_args(a_in, b_in, "cc_energy");
-  if (reduced_precision(a_in))
-    return energy_cpu(a_in.to(at::kFloat), b_in.to(at::kFloat)).to(a_in.scalar_type());
+  if (widened(a_in)) return energy_cpu(a_in.to(at::kFloat), b_in.to(at::kFloat)).to(a_in.scalar_type());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
-  row_gemms(e.narrow(1, 0, W), b, /*t_lhs=*/true, a, /*t_rhs=*/false);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cc_energy_cpu", [&] {
+  const at::Tensor rows = e.narrow(1, 0, W);
+  if (a.scalar_type() == at::kBFloat16 && !kBFloat16Dot) {
+    const at::Tensor sums = at::empty(rows.sizes(), a.options().dtype(at::kFloat));
+    row_gemms(sums, b, /*t_lhs=*/true, a, /*t_rhs=*/false);
+    rows.copy_(sums);
+  } else {
+    row_gemms(rows, b, /*t_lhs=*/true, a, /*t_rhs=*/false);
+  }
+  if (H == 1) return e;  // a single row has no column slots
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "cc_energy_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *pa = a.const_data_ptr<scalar_t>(), *pb = b.const_data_ptr<scalar_t>();
     scalar_t* pe = e.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
-    if (H == 1) return;  // a single row has no column slots
     // Query rows per work item: at most kMaxEnergyRows (fewer items gather the key packs fewer
     // times), fewer where that leaves under kItemsPerThread items a thread; blocks of H / blocks
     // rows, give or take one.
-    const int64_t tiles = (W + WideVec<scalar_t>::kLanes - 1) / WideVec<scalar_t>::kLanes;
+    const int64_t tiles = (W + WideVec<acc_t>::kLanes - 1) / WideVec<acc_t>::kLanes;
     const int64_t wanted = (kItemsPerThread * at::get_num_threads() + N * tiles - 1) / (N * tiles);
     const int64_t blocks = std::max((H + kMaxEnergyRows - 1) / kMaxEnergyRows, std::min(H, wanted));
-    parallel_columns<scalar_t>(N, W, blocks, [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
+    parallel_columns<acc_t>(N, W, blocks, [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
       const int64_t y0 = block * H / blocks, y1 = (block + 1) * H / blocks;
-      dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
-        energy_column_tile<decltype(vt), decltype(full)::value>(pa + n * feat, pb + n * feat, pe + n * map,
-                                                                C, y0, y1, x0, nx, H, W);
+      dispatch_tile<acc_t>(nx, [&](auto vt, auto full) {
+        energy_column_tile<decltype(vt), decltype(full)::value>(pa + n * feat, pb + n * feat, pe + n * map, C, y0,
+                                                                y1, x0, nx, H, W);
       });
     });
   });
@@ -387,18 +467,22 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
 template <bool Scatter>
 at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* op) {
   check_aggregate_args(w_in, f_in, op);
-  if (reduced_precision(f_in))
-    return mix_cpu<Scatter>(w_in.to(at::kFloat), f_in.to(at::kFloat), op).to(f_in.scalar_type());
+  if (widened(f_in)) return mix_cpu<Scatter>(w_in.to(at::kFloat), f_in.to(at::kFloat), op).to(f_in.scalar_type());
   const at::Tensor w = w_in.contiguous(), f = f_in.contiguous();
   const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), L = num_slots(H, W);
   at::Tensor out = at::empty_like(f);
-  row_gemms(out, f, /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "cc_mix_cpu", [&] {
+  // the row pass's sums in float32 (float64), straight into out when out is that dtype
+  const at::ScalarType acc_type = at::toOpMathType(f.scalar_type());
+  const at::Tensor rows = acc_type == f.scalar_type() ? out : at::empty(f.sizes(), f.options().dtype(acc_type));
+  row_gemms(rows, f, /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
+  if (H == 1) return rows.is_same(out) ? out : out.copy_(rows);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, f.scalar_type(), "cc_mix_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *pw = w.const_data_ptr<scalar_t>(), *pf = f.const_data_ptr<scalar_t>();
+    const acc_t* pr = rows.const_data_ptr<acc_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     const int64_t feat = C * H * W, map = L * H * W;
-    if (H == 1) return;
-    using Wide = WideVec<scalar_t>;
+    using Wide = WideVec<acc_t>;
     const int64_t tiles = (W + Wide::kLanes - 1) / Wide::kLanes;
     const int64_t tile_pack = (H + kMixRows - 1) / kMixRows * kMixRows * H;  // vectors
     // one wide pack per tile, about the size of the map's column part, so allocated per call
@@ -409,18 +493,18 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
     const auto pack_of = [&](auto vt, int64_t n, int64_t x0) {
       return reinterpret_cast<typename decltype(vt)::V*>(&w_pack[(n * tiles + x0 / Wide::kLanes) * tile_pack]);
     };
-    parallel_columns<scalar_t>(N, W, 1, [&](int64_t n, int64_t x0, int64_t nx, int64_t) {
-      dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
+    parallel_columns<acc_t>(N, W, 1, [&](int64_t n, int64_t x0, int64_t nx, int64_t) {
+      dispatch_tile<acc_t>(nx, [&](auto vt, auto full) {
         pack_column_weights<decltype(vt), Scatter, decltype(full)::value>(pw + n * map, pack_of(vt, n, x0), x0,
                                                                          nx, H, W);
       });
     });
-    parallel_columns<scalar_t>(N, W, (C + kChannelBlock - 1) / kChannelBlock,
-                               [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
+    parallel_columns<acc_t>(N, W, (C + kChannelBlock - 1) / kChannelBlock,
+                            [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
       const int64_t c0 = block * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-      dispatch_tile<scalar_t>(nx, [&](auto vt, auto full) {
-        column_mix_tile<decltype(vt), decltype(full)::value>(pf + n * feat, pack_of(vt, n, x0), po + n * feat,
-                                                             c0, c1, x0, nx, H, W);
+      dispatch_tile<acc_t>(nx, [&](auto vt, auto full) {
+        column_mix_tile<decltype(vt), decltype(full)::value>(pf + n * feat, pack_of(vt, n, x0), pr + n * feat,
+                                                             po + n * feat, c0, c1, x0, nx, H, W);
       });
     });
   });
