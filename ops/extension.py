@@ -17,6 +17,8 @@ Environment:
     CCNET_OPS_CUDA    ``0``: never compile the CUDA sources; ``1``: always (error if impossible)
     CCNET_OPS_CXX     the host C++ compiler for the op (default: $CXX, else c++); like every
                       ``CCNET_*`` variable, the pipeline forwards it to its Ray workers
+    CCNET_OPS_CPU_ARCH  the ``-march`` of the C++ kernels (default: ``native``, the host's own
+                      instruction set); e.g. ``x86-64-v3`` for kernels that any AVX2 CPU runs
     TORCH_CUDA_ARCH_LIST  CUDA architectures (default: ``DEFAULT_CUDA_ARCHS``, never the visible GPU's,
                       so an ahead-of-time build on any node and the run on a GPU node share one key)
 
@@ -43,7 +45,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 LIBRARY = "ccnet_ops"
 # A100, A10/A40/RTX 30xx, H100/H200; "+PTX" embeds compute_90 PTX that newer GPUs JIT-compile.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
-CXX_FLAGS = ["-O3", "-fopenmp", "-march=native"]
+CXX_FLAGS = ["-O3", "-fopenmp"]  # and -march=cpu_arch()
 CUDA_FLAGS = ["-O3"]
 
 
@@ -161,6 +163,18 @@ def arch_covers(archs: str, capability: tuple[int, int]) -> bool:
     return False
 
 
+def cpu_arch() -> str:
+    """The instruction set the C++ kernels are compiled for: CCNET_OPS_CPU_ARCH, else native."""
+    arch = os.environ.get("CCNET_OPS_CPU_ARCH") or "native"
+    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"CCNET_OPS_CPU_ARCH={arch!r} is not a -march name (like native, x86-64-v3 or znver4)")
+    return arch
+
+
+def cxx_flags() -> list[str]:
+    return [*CXX_FLAGS, f"-march={cpu_arch()}"]
+
+
 def _cpu_signature() -> str:
     """The host CPU's feature flags: binaries built with -march=native only run on their kind."""
     try:
@@ -178,7 +192,7 @@ def build_key(with_cuda: bool) -> str:
     for path in cpp_sources() + sorted(CSRC.glob("*.h")) + cuda_files:
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
-    parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), cxx(), *CXX_FLAGS,
+    parts = [torch.__version__, str(torch.version.cuda), sys.version, _cpu_signature(), cxx(), *cxx_flags(),
              *runtime_ldflags()]
     if with_cuda:
         home = cuda_home()
@@ -294,7 +308,7 @@ def build(*, cuda: bool | None = None, verbose: bool = False) -> BuildInfo:
             library = cpp_extension.load(
                 name=name,
                 sources=sources,
-                extra_cflags=CXX_FLAGS,
+                extra_cflags=cxx_flags(),
                 extra_cuda_cflags=cuda_flags,
                 extra_ldflags=runtime_ldflags(),
                 extra_include_paths=[str(CSRC)],

@@ -132,6 +132,51 @@ def test_cpu_row_gemm_paths_match_reference(lib, monkeypatch, blas, dtype):
     assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v), dtype)
 
 
+# Instruction sets besides the host's that the CPU kernels have code paths for, and the CPU
+# flags that running them needs: AVX2 (32-byte vectors, no masked loads); AVX-512 without bf16
+# dot products (64-byte vectors; bf16 through float32 FMAs and MKL's bf16 GEMM).
+OTHER_ISAS = {"x86-64-v3": {"avx2", "fma", "bmi2", "movbe"},
+              "skylake-avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(OTHER_ISAS))
+def test_cpu_kernels_built_for_another_instruction_set(tmp_path, arch):
+    """CCNET_OPS_CPU_ARCH compiles the C++ kernels for another instruction set than the host's
+    (-march=native by default), so the code paths of other CPUs run here too: the CPU kernel
+    tests pass against a build of their own, in a fresh cache."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip(f"{arch} is an x86-64 instruction set; this host is {platform.machine()}")
+    flags = set(extension._cpu_signature().split(":", 1)[-1].split())
+    if not OTHER_ISAS[arch] <= flags:
+        pytest.skip(f"this CPU cannot run {arch} code: it lacks {sorted(OTHER_ISAS[arch] - flags)}")
+    env = {**os.environ, "CCNET_OPS_CPU_ARCH": arch, "CCNET_OPS_CACHE": str(tmp_path), "CCNET_OPS_CUDA": "0"}
+    selection = ("round_float32 or accumulates_in_float32 or beyond or reduced_precision or every_cpu_column_tile"
+                 " or row_gemm_paths or compiled_matches_reference")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                           "tests/test_ops.py", "tests/test_mixed_precision.py", "-k", selection],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    counts = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in counts and "failed" not in counts and "error" not in counts, counts
+    built = list(tmp_path.glob("ccnet_ops_cpu_*/*.so"))
+    assert len(built) == 1, built  # the kernels the tests ran, built in this cache
+    # and built for arch: its code has the registers and instructions of arch, and no others
+    # (objdump comes with binutils, as the assembler and linker the compiler runs)
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(built[0])], capture_output=True, text=True,
+                          check=True).stdout
+    assert ("%zmm" in code) == (arch == "skylake-avx512") and "%ymm" in code and "vdpbf16ps" not in code
+
+
+def test_cpu_arch_must_be_a_march_name(monkeypatch):
+    monkeypatch.setenv("CCNET_OPS_CPU_ARCH", "native -fno-strict-aliasing")
+    with pytest.raises(ValueError, match="CCNET_OPS_CPU_ARCH=.* is not a -march name"):
+        extension.cxx_flags()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("shape", [(2, 8, 64, 33, 31), (1, 64, 512, 97, 97), (1, 3, 5, 1, 7), (2, 3, 5, 7, 1)])

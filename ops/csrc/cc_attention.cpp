@@ -9,9 +9,10 @@
 // gradients are again primitives (d cc_energy: cc_aggregate and cc_scatter, and so on), so
 // the backward is built from registered ops (ops/criss_cross.py).
 //
-// On the CPU the row slots are BLAS GEMMs, one per image row; the column slots are
-// register-tiled kernels whose SIMD lanes run along x, the contiguous dimension, each lane a
-// small GEMM of its own over packed operands.
+// On the CPU the row slots are BLAS GEMMs, one per image row (in bfloat16 on a CPU with bf16 dot
+// products, kernels of ours); the column slots are register-tiled kernels
+// whose SIMD lanes run along x, the contiguous dimension, each lane a small GEMM of its own over
+// packed operands.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -97,6 +98,25 @@ struct Vec {
   static inline void store_bits(c10::BFloat16* p, Bits b, int64_t n) {
     std::memcpy(p, &b, (Full ? kLanes : n) * sizeof(uint16_t));
   }
+  // Two bf16 rows as one operand of the bf16 dot product: lane l holds (lo[l], hi[l]) in one
+  // 32-bit word; a null hi reads as zeros.
+  template <bool Full>
+  static inline Words pair(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t n) {
+    return pair(load_bits<Full>(lo, n), hi ? load_bits<Full>(hi, n) : Bits{});
+  }
+  static inline Words pair(Bits lo, Bits hi) {
+    return __builtin_convertvector(lo, Words) | __builtin_convertvector(hi, Words) << 16;
+  }
+#if defined(__AVX512BF16__)
+  // acc + lo(a) lo(b) + hi(a) hi(b) per lane, in float32 (vdpbf16ps).
+  static inline V dot(V acc, Words a, Words b) {
+    if constexpr (Bytes == 64) {
+      return (V)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+    } else {
+      return (V)_mm256_dpbf16_ps((__m256)acc, (__m256bh)a, (__m256bh)b);
+    }
+  }
+#endif
   static inline V widen(Bits b) {
     const Words w = __builtin_convertvector(b, Words) << 16;
     V v;
@@ -167,6 +187,50 @@ using WideVec = Vec<T, kVecBytes>;  // the vector of a column tile
 template <typename T>
 using NarrowVec = Vec<T, 32>;       // the vector of a tail tile that half a wide one holds
 
+// Whether the CPU has bf16 dot products (AVX512_BF16: twice the products of an FMA per lane).
+#if defined(__AVX512BF16__)
+constexpr bool kBFloat16Dot = true;
+#else
+constexpr bool kBFloat16Dot = false;
+#endif
+
+// A reduction step of the column kernels over storage S. In general a step takes one row of
+// each operand per lane and is an FMA; for bf16 storage on a CPU with bf16 dot products it takes
+// two rows, paired into one operand (Vec::pair), and is one dot product: half the steps.
+template <typename S>
+constexpr bool kDot = kBFloat16Dot && std::is_same_v<S, c10::BFloat16>;
+template <typename VT, typename S>
+using Operand = std::conditional_t<kDot<S>, typename VT::Words, typename VT::V>;
+
+// Steps over n rows: n, or n / 2 pairs rounded up.
+template <typename S>
+constexpr int64_t steps(int64_t n) {
+  return kDot<S> ? (n + 1) / 2 : n;
+}
+
+// The operand of step s over `rows` rows of nx lanes each, `stride` apart from base: row s, or
+// rows 2s and 2s + 1 (a row past the last reads as zeros).
+template <typename VT, bool Full, typename S>
+inline Operand<VT, S> operand(const S* base, int64_t stride, int64_t s, int64_t rows, int64_t nx) {
+  if constexpr (kDot<S>) {
+    return VT::template pair<Full>(base + 2 * s * stride, 2 * s + 1 < rows ? base + (2 * s + 1) * stride : nullptr,
+                                   nx);
+  } else {
+    return VT::template load<Full>(base + s * stride, nx);
+  }
+}
+
+template <typename VT, typename S>
+inline typename VT::V step(typename VT::V acc, Operand<VT, S> a, Operand<VT, S> b) {
+  if constexpr (kDot<S>) {
+#if defined(__AVX512BF16__)
+    return VT::dot(acc, a, b);
+#endif
+  } else {
+    return acc + a * b;
+  }
+}
+
 // Calls f(VT{}, std::bool_constant<Full>{}) with the vector type for a column tile of nx lanes:
 // the wide vector for a full tile; for a tail, the narrow one where it holds the tail (a wide
 // tile that is mostly padding would do twice the work), else the wide one with masks.
@@ -214,47 +278,76 @@ constexpr int kMixRows = 3;  // RM: output rows per register tile
 
 // Reads the column slots of one SIMD column tile plane by plane, in memory order, into the
 // pack: entry (m / RM, t, m % RM) holds weight(m, t); the entries without a slot (t == m, and
-// the rows m >= H that pad the last block) hold zero.
+// the rows m >= H that pad the last block) hold zero. With bf16 dot products an entry is a
+// step, (m / RM, t / 2, m % RM), the weights of t and t + 1 paired (zero for t + 1 = H).
 template <typename VT, bool Scatter, bool Full, typename S>
-void pack_column_weights(const S* attn, typename VT::V* pack, int64_t x0, int64_t nx, int64_t H, int64_t W) {
+void pack_column_weights(const S* attn, Operand<VT, S>* pack, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   constexpr int RM = kMixRows;
-  for (int64_t m = 0; m < H; ++m) pack[(m / RM * H + m) * RM + m % RM] = VT::zero();
-  for (int64_t m = H; m < (H + RM - 1) / RM * RM; ++m)
-    for (int64_t t = 0; t < H; ++t) pack[(m / RM * H + t) * RM + m % RM] = VT::zero();
-  for (int64_t j = 0; j < H - 1; ++j)
-    for (int64_t y = 0; y < H; ++y) {
-      const int64_t k = column_pixel(j, y);  // query row y reads key row k
-      const int64_t m = Scatter ? k : y, t = Scatter ? y : k;
-      pack[(m / RM * H + t) * RM + m % RM] = VT::template load<Full>(attn + attn_offset(W + j, y, x0, H, W), nx);
+  if constexpr (kDot<S>) {
+    // the same weights as bf16 lanes first, entry (m, t) at half[m * H2 + t] for t < H2, an even
+    // count (a zero row t = H pads an odd H), then paired along t into the pack's (m / RM, t / 2,
+    // m % RM) entries
+    using Bits = typename VT::Bits;
+    const int64_t H2 = (H + 1) / 2 * 2, M = (H + RM - 1) / RM * RM;
+    Bits* half = scratch<Bits, 2>(M * H2);
+    for (int64_t m = 0; m < M; ++m) {
+      if (m < H) {
+        half[m * H2 + m] = Bits{};
+        if (H2 > H) half[m * H2 + H] = Bits{};
+      } else {
+        for (int64_t t = 0; t < H2; ++t) half[m * H2 + t] = Bits{};
+      }
     }
+    for (int64_t j = 0; j < H - 1; ++j)
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t k = column_pixel(j, y);
+        const int64_t m = Scatter ? k : y, t = Scatter ? y : k;
+        half[m * H2 + t] = VT::template load_bits<Full>(attn + attn_offset(W + j, y, x0, H, W), nx);
+      }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t s = 0; s < H2 / 2; ++s)
+        pack[(m / RM * (H2 / 2) + s) * RM + m % RM] = VT::pair(half[m * H2 + 2 * s], half[m * H2 + 2 * s + 1]);
+  } else {
+    for (int64_t m = 0; m < H; ++m) pack[(m / RM * H + m) * RM + m % RM] = VT::zero();
+    for (int64_t m = H; m < (H + RM - 1) / RM * RM; ++m)
+      for (int64_t t = 0; t < H; ++t) pack[(m / RM * H + t) * RM + m % RM] = VT::zero();
+    for (int64_t j = 0; j < H - 1; ++j)
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t k = column_pixel(j, y);  // query row y reads key row k
+        const int64_t m = Scatter ? k : y, t = Scatter ? y : k;
+        pack[(m / RM * H + t) * RM + m % RM] = VT::template load<Full>(attn + attn_offset(W + j, y, x0, H, W), nx);
+      }
+  }
 }
 
-// out = sums + the column sums, rounded once to S; sums holds the row pass's (it may be out).
+// out = sums + the column sums, rounded once to S; sums holds the row pass's for the channels from
+// sums_first on (it may be out, with sums_first 0).
 template <typename VT, bool Full, typename S>
-void column_mix_tile(const S* in, const typename VT::V* w_pack, const typename VT::Scalar* sums, S* out,
-                     int64_t c_begin, int64_t c_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
+void column_mix_tile(const S* in, const Operand<VT, S>* w_pack, const typename VT::Scalar* sums, int64_t sums_first,
+                     S* out, int64_t c_begin, int64_t c_end, int64_t x0, int64_t nx, int64_t H, int64_t W) {
   using V = typename VT::V;
+  using O = Operand<VT, S>;
   constexpr int RC = 4 * kWide, RM = kMixRows;
-  const int64_t plane = H * W;
-  V* in_pack = scratch<V, 4>(H * RC);
+  const int64_t plane = H * W, T = steps<S>(H);
+  O* in_pack = scratch<O, 4>(T * RC);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += RC) {
-    for (int64_t t = 0; t < H; ++t)
+    for (int64_t t = 0; t < T; ++t)
       for (int r = 0; r < RC; ++r)
-        in_pack[t * RC + r] = VT::template load<Full>(
-            in + std::min<int64_t>(c0 + r, c_end - 1) * plane + t * W + x0, nx);
+        in_pack[t * RC + r] = operand<VT, Full>(in + std::min<int64_t>(c0 + r, c_end - 1) * plane + x0, W, t, H, nx);
     const int64_t rows = std::min<int64_t>(RC, c_end - c0);
     for (int64_t m0 = 0; m0 < H; m0 += RM) {
       V acc[RC][RM] = {};
-      const V* wv = w_pack + m0 * H;
-      const V* iv = in_pack;
-      for (int64_t t = 0; t < H; ++t, wv += RM, iv += RC)
+      const O* wv = w_pack + m0 * T;
+      const O* iv = in_pack;
+      for (int64_t t = 0; t < T; ++t, wv += RM, iv += RC)
         for (int r = 0; r < RC; ++r)
-          for (int j = 0; j < RM; ++j) acc[r][j] += iv[r] * wv[j];
+          for (int j = 0; j < RM; ++j) acc[r][j] = step<VT, S>(acc[r][j], iv[r], wv[j]);
       const int64_t cols = std::min<int64_t>(RM, H - m0);
       for (int r = 0; r < rows; ++r)
         for (int j = 0; j < cols; ++j) {
-          const int64_t at = (c0 + r) * plane + (m0 + j) * W + x0;
-          VT::template store<Full>(out + at, VT::template load<Full>(sums + at, nx) + acc[r][j], nx);
+          const int64_t at = (m0 + j) * W + x0;
+          VT::template store<Full>(out + (c0 + r) * plane + at,
+                                   VT::template load<Full>(sums + (c0 + r - sums_first) * plane + at, nx) + acc[r][j], nx);
         }
     }
   }
@@ -269,28 +362,29 @@ template <typename VT, bool Full, typename S>
 void energy_column_tile(const S* a, const S* b, S* e, int64_t C, int64_t y_begin, int64_t y_end, int64_t x0,
                         int64_t nx, int64_t H, int64_t W) {
   using V = typename VT::V;
+  using O = Operand<VT, S>;
   constexpr int RY = kWide == 2 ? 3 : 2, RK = kWide == 2 ? 6 : 4;
-  const int64_t plane = H * W, y_blocks = (y_end - y_begin + RY - 1) / RY;
-  V* a_pack = scratch<V, 0>(y_blocks * C * RY);
-  V* b_pack = scratch<V, 1>(C * RK);
+  const int64_t plane = H * W, y_blocks = (y_end - y_begin + RY - 1) / RY, CS = steps<S>(C);
+  O* a_pack = scratch<O, 0>(y_blocks * CS * RY);
+  O* b_pack = scratch<O, 1>(CS * RK);
   for (int64_t yb = 0; yb < y_blocks; ++yb)
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t c = 0; c < CS; ++c)
       for (int j = 0; j < RY; ++j) {
         const int64_t y = std::min<int64_t>(y_begin + yb * RY + j, y_end - 1);
-        a_pack[(yb * C + c) * RY + j] = VT::template load<Full>(a + c * plane + y * W + x0, nx);
+        a_pack[(yb * CS + c) * RY + j] = operand<VT, Full>(a + y * W + x0, plane, c, C, nx);
       }
   for (int64_t k0 = 0; k0 < H; k0 += RK) {
     int64_t ks[RK];
     for (int r = 0; r < RK; ++r) ks[r] = std::min<int64_t>(k0 + r, H - 1);
-    for (int64_t c = 0; c < C; ++c)
-      for (int r = 0; r < RK; ++r) b_pack[c * RK + r] = VT::template load<Full>(b + c * plane + ks[r] * W + x0, nx);
+    for (int64_t c = 0; c < CS; ++c)
+      for (int r = 0; r < RK; ++r) b_pack[c * RK + r] = operand<VT, Full>(b + ks[r] * W + x0, plane, c, C, nx);
     for (int64_t yb = 0; yb < y_blocks; ++yb) {
       V acc[RY][RK] = {};
-      for (int64_t c = 0; c < C; ++c) {
-        const V* av = &a_pack[(yb * C + c) * RY];
-        const V* bv = &b_pack[c * RK];
+      for (int64_t c = 0; c < CS; ++c) {
+        const O* av = &a_pack[(yb * CS + c) * RY];
+        const O* bv = &b_pack[c * RK];
         for (int j = 0; j < RY; ++j)
-          for (int r = 0; r < RK; ++r) acc[j][r] += av[j] * bv[r];
+          for (int r = 0; r < RK; ++r) acc[j][r] = step<VT, S>(acc[j][r], av[j], bv[r]);
       }
       const int64_t y0 = y_begin + yb * RY;
       const int64_t rows = std::min<int64_t>(RY, y_end - y0), cols = std::min<int64_t>(RK, H - k0);
@@ -326,6 +420,7 @@ void parallel_columns(int64_t N, int64_t W, int64_t blocks, const F& f) {
 // with float32 sums through MKL's gemm_bf16bf16f32; where PyTorch exports no such BLAS, or
 // CCNET_OPS_CPU_BLAS=0 asks for it, ATen's bmm runs them (bfloat16 into float32 on widened
 // copies), and a product stored in bfloat16 always runs there (oneDNN's bfloat16 GEMM).
+// (On a CPU with bf16 dot products, bf16 row slots run on kernels of ours instead: bf16dot.)
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
             const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
@@ -353,6 +448,13 @@ void blas_gemm(bool t_lhs, bool t_rhs, int m, int n, int k, const T* lhs, const 
   }
 }
 
+// Whether the row slots may run on the BLAS or on kernels of ours: CCNET_OPS_CPU_BLAS=0 routes
+// them through ATen's bmm.
+bool blas_allowed() {
+  const char* env = std::getenv("CCNET_OPS_CPU_BLAS");
+  return !(env && std::string_view(env) == "0");
+}
+
 // Whether the BLAS that PyTorch exports has a GEMM from `in` operands to an `out` product.
 bool have_blas_gemm(at::ScalarType in, at::ScalarType out) {
   if (in == at::kFloat && out == at::kFloat) return sgemm_ != nullptr;
@@ -370,8 +472,7 @@ void row_gemms(const at::Tensor& out, const at::Tensor& lhs, bool t_lhs, const a
   const int64_t N = out.size(0), H = out.size(2), W = out.size(3);
   const int64_t m = t_lhs ? lhs.size(3) : lhs.size(1), k = t_lhs ? lhs.size(1) : lhs.size(3);
   const int64_t n = t_rhs ? rhs.size(1) : rhs.size(3);
-  const char* env = std::getenv("CCNET_OPS_CPU_BLAS");
-  const bool blas = !(env && std::string_view(env) == "0") && have_blas_gemm(lhs.scalar_type(), out.scalar_type()) &&
+  const bool blas = blas_allowed() && have_blas_gemm(lhs.scalar_type(), out.scalar_type()) &&
                     std::max({m, n, k, H * W}) <= std::numeric_limits<int>::max();
   if (!blas && lhs.scalar_type() != out.scalar_type()) {
     row_gemms(out, lhs.to(out.scalar_type()), t_lhs, rhs.to(out.scalar_type()), t_rhs);
@@ -412,18 +513,176 @@ constexpr int64_t kMaxEnergyRows = 49;
 constexpr int64_t kItemsPerThread = 4;
 
 // Every sum accumulates in float32 (float64 for float64) and is rounded once, as on the GPU.
-// bfloat16 runs natively: the column kernels widen it in registers and round their stores; the
-// row GEMMs are MKL's bfloat16 GEMM with float32 products where the aggregation needs them, and
-// oneDNN's for the energies where the CPU has bfloat16 dot products (AVX512_BF16, at several
-// times the float32 rate), else MKL's into float32, rounded after. float16 runs the float32
-// kernels on widened copies and rounds the result, a pass over memory each way.
-#if defined(__AVX512BF16__)
-constexpr bool kBFloat16Dot = true;
-#else
-constexpr bool kBFloat16Dot = false;
-#endif
+// bfloat16 runs natively, without widened copies. Where the CPU has bf16 dot products
+// (AVX512_BF16; a loop of independent ones ran at 186 GFLOP/s on one core of an AMD EPYC, FMAs
+// at 104) the column kernels run on them, and so do the row slots (bf16dot: packed per row, no
+// copies of the operands as ATen's bmm makes). Elsewhere the column kernels widen bf16 in registers
+// and run float32 FMAs, and the row slots run on MKL's bf16 GEMM into float32 (the energies'
+// then rounded). float16 runs the float32 kernels on widened copies and rounds the result, a
+// pass over memory each way.
 
 bool widened(const at::Tensor& t) { return t.scalar_type() == at::kHalf; }
+
+#if defined(__AVX512BF16__)
+// The row pass of cc_aggregate (Scatter = false) and cc_scatter (Scatter = true) in bfloat16 on
+// the CPU's bf16 dot products (vdpbf16ps: 16 float32 lanes, each adding two bf16 products), into
+// float32 sums. Per image n and row y, both are (C x W) (W x W) products whose left operand is
+// the feature's row, f[c, y, j] for j along the row:
+//   aggregate: out[c, y, x] = sum_i f[c, y, i] w[i, y, x]    lanes along x, pairs of i
+//   scatter:   out[c, y, i] = sum_x f[c, y, x] w[i, y, x]    lanes along i, pairs of x
+// A pair of the left operand is two neighbours in memory, one 32-bit word to broadcast; the
+// right operand is packed once per row into (pair, tile) vectors of 16 lanes x 2, zero past the
+// row's end, so a tile's spare lanes and an odd W's last pair add nothing (the last pair's left
+// word is read as one element, never past the row).
+namespace bf16dot {
+
+constexpr int kLanes = 16;
+constexpr int kRows = 6;   // channels per register tile
+constexpr int kTiles = 4;  // lane tiles per register tile
+
+inline uint32_t pair_at(const uint16_t* row, int64_t j, int64_t W) {
+  return j + 1 < W ? uint32_t(row[j]) | uint32_t(row[j + 1]) << 16 : uint32_t(row[j]);
+}
+
+inline __mmask16 lanes_mask(int64_t n) { return static_cast<__mmask16>((1u << std::min<int64_t>(n, kLanes)) - 1u); }
+
+// pack[p * tiles + t], lane l: (row 2p, row 2p + 1) at column 16 t + l, for `count` rows of
+// `lanes` columns, `stride` apart from base; zero past the last row or column.
+void pack_pairs(const uint16_t* base, int64_t stride, int64_t count, int64_t lanes, __m512i* pack) {
+  const int64_t pairs = (count + 1) / 2, tiles = (lanes + kLanes - 1) / kLanes;
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const __mmask16 m = lanes_mask(lanes - t * kLanes);
+      const uint16_t* at = base + 2 * p * stride + t * kLanes;
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at));
+      const __m512i hi = 2 * p + 1 < count ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at + stride))
+                                           : _mm512_setzero_si512();
+      pack[p * tiles + t] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+    }
+}
+
+// pack[p * tiles + t], lane l: (w[2p, y, x], w[2p + 1, y, x]) for x = 16 t + l (aggregate), or
+// (w[i, y, 2p], w[i, y, 2p + 1]) for i = 16 t + l (scatter); zero where the index passes W.
+template <bool Scatter>
+void pack_row_weights(const uint16_t* wy, int64_t P, int64_t W, __m512i* pack) {
+  const int64_t pairs = (W + 1) / 2, tiles = (W + kLanes - 1) / kLanes;
+  if constexpr (!Scatter) {
+    pack_pairs(wy, P, W, W, pack);
+  } else {
+    auto* words = reinterpret_cast<uint32_t*>(pack);
+    std::memset(pack, 0, pairs * tiles * sizeof(__m512i));
+    for (int64_t i = 0; i < W; ++i)
+      for (int64_t p = 0; p < pairs; ++p) words[(p * tiles + i / kLanes) * kLanes + i % kLanes] = pair_at(wy + i * P, 2 * p, W);
+  }
+}
+
+// Rows r < rows of a product, lanes 16 (t0 + j) + l for j < NT and below `lanes`: the sum over
+// steps p of word(r, p) (two bf16 in a 32-bit word, broadcast) dot pack[p * tiles + t0 + j],
+// stored at out + r * out_stride in float32, or rounded once to bf16 (Out = c10::BFloat16).
+// word(r, p) must be valid for every r < kRows (callers repeat their last row).
+template <int NT, typename Out, typename Word>
+void row_tile(const Word& word, int64_t rows, int64_t steps, const __m512i* pack, int64_t tiles, int64_t t0,
+              int64_t lanes, Out* out, int64_t out_stride) {
+  __m512 acc[kRows][NT];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < NT; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < steps; ++p) {
+    __m512bh b[NT];
+    for (int j = 0; j < NT; ++j) b[j] = (__m512bh)pack[p * tiles + t0 + j];
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word(r, p)));
+      for (int j = 0; j < NT; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < NT; ++j) {
+      const int64_t x0 = (t0 + j) * kLanes;
+      const __mmask16 m = lanes_mask(lanes - x0);
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm512_mask_storeu_ps(out + r * out_stride + x0, m, acc[r][j]);
+      } else {
+        const auto bits = Vec<float, 64>::narrow((Vec<float, 64>::V)acc[r][j]);
+        _mm256_mask_storeu_epi16(out + r * out_stride + x0, m, (__m256i)bits);
+      }
+    }
+}
+
+// row_tile over every row block and tile group of a (rows x lanes) product.
+template <typename Out, typename Word>
+void row_product(const Word& word, int64_t rows, int64_t steps, const __m512i* pack, int64_t lanes, Out* out,
+                 int64_t out_stride) {
+  const int64_t tiles = (lanes + kLanes - 1) / kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t n = std::min<int64_t>(kRows, rows - r0);
+    const auto block = [&](int r, int64_t p) { return word(r0 + std::min<int64_t>(r, n - 1), p); };
+    Out* o = out + r0 * out_stride;
+    for (int64_t t0 = 0; t0 < tiles; t0 += kTiles) {
+      switch (std::min<int64_t>(kTiles, tiles - t0)) {
+        case 4: row_tile<4>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        case 3: row_tile<3>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        case 2: row_tile<2>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        default: row_tile<1>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+      }
+    }
+  }
+}
+
+// The row slots of cc_energy in bf16: e[n, i, y, x] = sum_c b[n, c, y, i] a[n, c, y, x], per image
+// and row a (W x C) (C x W) product over pairs of channels: both operands packed per row, lanes
+// along x for a, words along i for b.
+void row_energy(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e) {
+  const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), P = H * W, L = num_slots(H, W);
+  const int64_t pairs = (C + 1) / 2, tiles = (W + kLanes - 1) / kLanes;
+  const auto* pa = reinterpret_cast<const uint16_t*>(a.const_data_ptr<c10::BFloat16>());
+  const auto* pb = reinterpret_cast<const uint16_t*>(b.const_data_ptr<c10::BFloat16>());
+  auto* pe = e.mutable_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    __m512i* a_pack = scratch<__m512i, 6>(pairs * tiles);
+    __m512i* b_pack = scratch<__m512i, 7>(pairs * tiles);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / H, y = item % H;
+      pack_pairs(pa + n * C * P + y * W, P, C, W, a_pack);
+      pack_pairs(pb + n * C * P + y * W, P, C, W, b_pack);
+      const auto* words = reinterpret_cast<const uint32_t*>(b_pack);  // word (i, p) at p * tiles * 16 + i
+      row_product([&](int64_t i, int64_t p) { return words[p * tiles * kLanes + i]; }, W, pairs, a_pack, W,
+                  pe + n * L * P + y * W, P);
+    }
+  });
+}
+
+// The packed row weights of every image and row, (N, H) blocks of pairs x tiles vectors.
+template <bool Scatter>
+std::unique_ptr<__m512i[]> pack_rows(const at::Tensor& w, int64_t N, int64_t H, int64_t W) {
+  const int64_t P = H * W, L = num_slots(H, W), block = (W + 1) / 2 * ((W + kLanes - 1) / kLanes);
+  std::unique_ptr<__m512i[]> packs(new __m512i[N * H * block]);
+  const auto* pw = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item)
+      pack_row_weights<Scatter>(pw + item / H * L * P + item % H * W, P, W, &packs[item * block]);
+  });
+  return packs;
+}
+
+// sums (N, *, H, W) float32, its channel 0 = channel c_begin: the row pass of the packed weights
+// on the channels [c_begin, c_end) of f (N, C, H, W), bfloat16.
+void row_mix(const __m512i* packs, const at::Tensor& f, int64_t c_begin, int64_t c_end, const at::Tensor& sums) {
+  const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), P = H * W;
+  const int64_t block = (W + 1) / 2 * ((W + kLanes - 1) / kLanes);
+  const auto* pf = reinterpret_cast<const uint16_t*>(f.const_data_ptr<c10::BFloat16>());
+  float* ps = sums.mutable_data_ptr<float>();
+  const int64_t sums_image = sums.size(1) * P;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / H, y = item % H;
+      const uint16_t* fy = pf + (n * C + c_begin) * P + y * W;  // channel c's row at fy + c * P
+      row_product([&](int64_t c, int64_t p) { return pair_at(fy + c * P, 2 * p, W); }, c_end - c_begin,
+                  (W + 1) / 2, packs + item * block, W, ps + n * sums_image + y * W, P);
+    }
+  });
+}
+
+}  // namespace bf16dot
+#endif
 
 at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_energy_args(a_in, b_in, "cc_energy");
@@ -432,7 +691,11 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
   const at::Tensor rows = e.narrow(1, 0, W);
-  if (a.scalar_type() == at::kBFloat16 && !kBFloat16Dot) {
+  if (a.scalar_type() == at::kBFloat16 && kBFloat16Dot && blas_allowed()) {
+#if defined(__AVX512BF16__)
+    bf16dot::row_energy(a, b, e);
+#endif
+  } else if (a.scalar_type() == at::kBFloat16 && !kBFloat16Dot) {
     const at::Tensor sums = at::empty(rows.sizes(), a.options().dtype(at::kFloat));
     row_gemms(sums, b, /*t_lhs=*/true, a, /*t_rhs=*/false);
     rows.copy_(sums);
@@ -464,6 +727,17 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
 
 // cc_aggregate (Scatter = false) and cc_scatter (Scatter = true) share checks, shapes and the
 // column pass; they differ in the row pass.
+constexpr int64_t kSumsBytes = 16 << 20;
+
+// Channels per chunk of a separate float32 row-sum buffer: whole channel blocks within
+// kSumsBytes, or more where the column pass would leave fewer than kItemsPerThread items a
+// thread; at most C.
+inline int64_t sums_chunk(int64_t N, int64_t C, int64_t P, int64_t tiles) {
+  const int64_t fit = kSumsBytes / (N * P * int64_t(sizeof(float))) / kChannelBlock;
+  const int64_t busy = (kItemsPerThread * at::get_num_threads() + N * tiles - 1) / (N * tiles);
+  return std::min(C, std::max<int64_t>({1, fit, busy}) * kChannelBlock);
+}
+
 template <bool Scatter>
 at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* op) {
   check_aggregate_args(w_in, f_in, op);
@@ -471,17 +745,41 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
   const at::Tensor w = w_in.contiguous(), f = f_in.contiguous();
   const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), L = num_slots(H, W);
   at::Tensor out = at::empty_like(f);
-  // the row pass's sums in float32 (float64), straight into out when out is that dtype
+  // The row pass's sums in float32 (float64): straight into out when out is that dtype; for bf16
+  // into a buffer of `chunk` channels at a time, each chunk's column pass right after its row
+  // pass. A buffer of at most kSumsBytes stays below glibc's largest mmap threshold (32 MiB), so
+  // it comes back from the heap call after call rather than as fresh pages: cc_aggregate in bf16
+  // at the paper's shape with N = 2 took 24.4 ms with a whole-size buffer, and 13.2 ms when the
+  // allocator was told to keep memory (measured while tuning).
   const at::ScalarType acc_type = at::toOpMathType(f.scalar_type());
-  const at::Tensor rows = acc_type == f.scalar_type() ? out : at::empty(f.sizes(), f.options().dtype(acc_type));
-  row_gemms(rows, f, /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
-  if (H == 1) return rows.is_same(out) ? out : out.copy_(rows);
+  const bool separate = acc_type != f.scalar_type();
+  const int64_t chunk = separate ? sums_chunk(N, C, H * W, (W + WideVec<float>::kLanes - 1) / WideVec<float>::kLanes) : C;
+  const at::Tensor sums = separate ? at::empty({N, chunk, H, W}, f.options().dtype(acc_type)) : out;
+#if defined(__AVX512BF16__)
+  const bool dot_rows = f.scalar_type() == at::kBFloat16 && blas_allowed();
+  const std::unique_ptr<__m512i[]> row_packs = dot_rows ? bf16dot::pack_rows<Scatter>(w, N, H, W) : nullptr;
+#endif
+  const auto row_pass = [&](int64_t c0, int64_t c1) {
+    const at::Tensor part = sums.narrow(1, separate ? 0 : c0, c1 - c0);
+#if defined(__AVX512BF16__)
+    if (dot_rows) return bf16dot::row_mix(row_packs.get(), f, c0, c1, part);
+#endif
+    row_gemms(part, f.narrow(1, c0, c1 - c0), /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
+  };
+  if (H == 1) {  // a single row has no column slots
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t c1 = std::min(C, c0 + chunk);
+      row_pass(c0, c1);
+      if (separate) out.narrow(1, c0, c1 - c0).copy_(sums.narrow(1, 0, c1 - c0));
+    }
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, f.scalar_type(), "cc_mix_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *pw = w.const_data_ptr<scalar_t>(), *pf = f.const_data_ptr<scalar_t>();
-    const acc_t* pr = rows.const_data_ptr<acc_t>();
+    const acc_t* ps = sums.const_data_ptr<acc_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    const int64_t feat = C * H * W, map = L * H * W;
+    const int64_t feat = C * H * W, map = L * H * W, sums_image = sums.size(1) * H * W;
     using Wide = WideVec<acc_t>;
     const int64_t tiles = (W + Wide::kLanes - 1) / Wide::kLanes;
     const int64_t tile_pack = (H + kMixRows - 1) / kMixRows * kMixRows * H;  // vectors
@@ -490,8 +788,8 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
     // first half of its own
     const std::unique_ptr<typename Wide::V[]> packs(new typename Wide::V[N * tiles * tile_pack]);
     typename Wide::V* w_pack = packs.get();
-    const auto pack_of = [&](auto vt, int64_t n, int64_t x0) {
-      return reinterpret_cast<typename decltype(vt)::V*>(&w_pack[(n * tiles + x0 / Wide::kLanes) * tile_pack]);
+    const auto pack_of = [&](auto vt, int64_t n, int64_t x0) {  // (paired operands: fewer, of the same size)
+      return reinterpret_cast<Operand<decltype(vt), scalar_t>*>(&w_pack[(n * tiles + x0 / Wide::kLanes) * tile_pack]);
     };
     parallel_columns<acc_t>(N, W, 1, [&](int64_t n, int64_t x0, int64_t nx, int64_t) {
       dispatch_tile<acc_t>(nx, [&](auto vt, auto full) {
@@ -499,14 +797,18 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
                                                                          nx, H, W);
       });
     });
-    parallel_columns<acc_t>(N, W, (C + kChannelBlock - 1) / kChannelBlock,
-                            [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
-      const int64_t c0 = block * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-      dispatch_tile<acc_t>(nx, [&](auto vt, auto full) {
-        column_mix_tile<decltype(vt), decltype(full)::value>(pf + n * feat, pack_of(vt, n, x0), pr + n * feat,
-                                                             po + n * feat, c0, c1, x0, nx, H, W);
+    for (int64_t first = 0; first < C; first += chunk) {
+      const int64_t last = std::min(C, first + chunk), sums_first = separate ? first : 0;
+      row_pass(first, last);
+      parallel_columns<acc_t>(N, W, (last - first + kChannelBlock - 1) / kChannelBlock,
+                              [&](int64_t n, int64_t x0, int64_t nx, int64_t block) {
+        const int64_t c0 = first + block * kChannelBlock, c1 = std::min(last, c0 + kChannelBlock);
+        dispatch_tile<acc_t>(nx, [&](auto vt, auto full) {
+          column_mix_tile<decltype(vt), decltype(full)::value>(pf + n * feat, pack_of(vt, n, x0), ps + n * sums_image,
+                                                               sums_first, po + n * feat, c0, c1, x0, nx, H, W);
+        });
       });
-    });
+    }
   });
   return out;
 }
