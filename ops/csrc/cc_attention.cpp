@@ -255,7 +255,9 @@ inline void dispatch_tile(int64_t nx, const F& f) {
 // never zero filled: a fresh buffer per item would cost page faults and a memset as large as the
 // pack. Slot tells apart the buffers one thread holds at once. Each vector type (wide, narrow;
 // float, double) has its own, which only grows: for the column energy about 3.6 KB per channel
-// with AVX-512 (1.9 MB at C = 512), less for the column passes.
+// with AVX-512 (1.9 MB at C = 512), less for the column passes; in bf16 with dot products half
+// that, plus the column weights' staging, 32 H^2 bytes (0.3 MB at H = 97), and the bf16 row
+// energy's two packs (0.1 MB each at C = 512, W = 97).
 template <typename V, int Slot>
 V* scratch(int64_t n) {
   thread_local std::unique_ptr<V[]> buffer;
