@@ -153,8 +153,8 @@ def test_cpu_kernels_built_for_another_instruction_set(tmp_path, arch):
     if not OTHER_ISAS[arch] <= flags:
         pytest.skip(f"this CPU cannot run {arch} code: it lacks {sorted(OTHER_ISAS[arch] - flags)}")
     env = {**os.environ, "CCNET_OPS_CPU_ARCH": arch, "CCNET_OPS_CACHE": str(tmp_path), "CCNET_OPS_CUDA": "0"}
-    selection = ("round_float32 or accumulates_in_float32 or beyond or reduced_precision or every_cpu_column_tile"
-                 " or row_gemm_paths or compiled_matches_reference")
+    selection = ("round_float32 or accumulates_in_float32 or beyond or reduced_precision or sums_in_chunks"
+                 " or every_cpu_column_tile or row_gemm_paths or compiled_matches_reference")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
                            "tests/test_ops.py", "tests/test_mixed_precision.py", "-k", selection],
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
