@@ -86,8 +86,7 @@ def scatter_reference(weights: torch.Tensor, feature: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("blas", ["1", "0"])
-@pytest.mark.parametrize("H", [36, 37])
-@pytest.mark.parametrize("W", [5, 16, 21, 29])
+@pytest.mark.parametrize("H,W", [(H, W) for W in (5, 16, 21, 29) for H in (36, 37)] + [(1, 29), (37, 1), (33, 97)])
 def test_cpu_bfloat16_kernels_round_float32_sums_once(lib, monkeypatch, blas, H, W):
     """bf16 runs natively on the CPU (no widened copies): each primitive is its float32 sum rounded
     once. Against the float32 kernels on the same inputs (sum s2, unrounded), the bf16 result
@@ -96,8 +95,9 @@ def test_cpu_bfloat16_kernels_round_float32_sums_once(lib, monkeypatch, blas, H,
     crosses a rounding boundary only about once in 2^15 values, at least 99% equal round(s2)
     bitwise (truncating instead of rounding to nearest would miss every other one). A kernel that
     summed in bf16, rounded twice or read its bf16 operands wrongly fails. W gives full, partial,
-    wide and narrow lane tiles, H odd and even pairs of rows; CCNET_OPS_CPU_BLAS=0 takes ATen's
-    GEMMs for the row slots."""
+    wide and narrow lane tiles (97: 7 tiles of 16, register tiles of 4 and 3), H odd and even pairs
+    of rows, H = 1 and W = 1 a single row or column; CCNET_OPS_CPU_BLAS=0 takes ATen's GEMMs for
+    the row slots."""
     monkeypatch.setenv("CCNET_OPS_CPU_BLAS", blas)
     q, k, v = sample_inputs((2, 9, 40, H, W), dtype=torch.float32)
     q, k, v = (t.bfloat16() for t in (q, k, v))
@@ -130,16 +130,17 @@ def assert_rounded_once(name, low, wide, magnitude, terms):
 
 
 def test_cpu_bfloat16_row_sums_in_chunks(lib):
-    """bf16 aggregations keep their float32 row sums in a buffer of at most 16 MiB, a chunk of
-    channels at a time. At 256 x 256 pixels that is 64 channels on 2 threads; 70 channels take a
-    second, partial chunk (and a partial channel block), which must land on its own channels."""
+    """bf16 aggregations keep their float32 row sums in a buffer of about 16 MiB, a chunk of
+    channels at a time. With two 256 x 256 images that is 32 channels on 2 threads; 70 channels
+    take two whole chunks and a partial one (and a partial channel block), whose rows must land on
+    their own channels of each image."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _, _, v = sample_inputs((1, 1, 70, 256, 256), dtype=torch.float32)
+        _, _, v = sample_inputs((2, 1, 70, 256, 256), dtype=torch.float32)
         v = v.bfloat16()
         gen = torch.Generator().manual_seed(3)
-        attn = torch.softmax(torch.randn(1, 511, 256, 256, generator=gen), dim=1).bfloat16()
+        attn = torch.softmax(torch.randn(2, 511, 256, 256, generator=gen), dim=1).bfloat16()
         for name, op, magnitude in (
                 ("cc_aggregate", lib.cc_aggregate, reference.aggregate(attn.double(), v.double().abs())),
                 ("cc_scatter", lib.cc_scatter, scatter_reference(attn, v.abs()))):
@@ -177,17 +178,25 @@ def test_cpu_kernels_read_nothing_beyond_a_pixels_cross(lib, dtype, W):
     a row to whole pairs or lanes (the bf16 dot products pair neighbours along it) must not
     read the next row's first pixel: a zero weight times inf is NaN. (The pixel itself comes out
     inf or NaN: the column passes weigh a pixel's own value by zero.)"""
-    N, H = 1, 5
+    N, H = 1, 5  # odd: the column passes pair rows, and row H, the pad, is the next channel's row 0
     weights = torch.ones(N, H + W - 1, H, W, dtype=dtype)
     feature = torch.ones(N, 2, H, W, dtype=dtype)
     feature[0, 0, 2, 0] = float("inf")  # just past the end of row 1
-    hit = torch.zeros(H, W, dtype=torch.bool)
-    hit[2, :] = True
-    hit[:, 0] = True
+    feature[0, 1, 0, 3] = float("inf")  # just past the end of channel 0
+    hits = torch.zeros(2, H, W, dtype=torch.bool)
+    hits[0, 2, :] = hits[0, :, 0] = True
+    hits[1, 0, :] = hits[1, :, 3] = True
     for name, out in (("cc_aggregate", lib.cc_aggregate(weights, feature)),
                       ("cc_scatter", lib.cc_scatter(weights, feature))):
-        assert not torch.isfinite(out[0, 0][hit]).any() and (out[0, 0][~hit] == H + W - 1).all(), f"{name}: {out[0, 0]}"
-        assert (out[0, 1] == H + W - 1).all(), name
+        for c, hit in enumerate(hits):
+            assert not torch.isfinite(out[0, c][hit]).any() and (out[0, c][~hit] == H + W - 1).all(), \
+                f"{name}, channel {c}: {out[0, c]}"
+    # the energies pair channels: an odd C's last pair must not reach the next image's channel 0
+    query = torch.ones(2, 3, H, W, dtype=dtype)
+    key = query.clone()
+    key[1, 0] = float("inf")
+    energy = lib.cc_energy(query, key)
+    assert (energy[0] == 3).all() and not torch.isfinite(energy[1]).any()
 
 
 def test_primitives_cast_mixed_inputs_under_autocast(lib):

@@ -171,6 +171,18 @@ def test_cpu_kernels_built_for_another_instruction_set(tmp_path, arch):
     assert ("%zmm" in code) == (arch == "skylake-avx512") and "%ymm" in code and "vdpbf16ps" not in code
 
 
+def test_bfloat16_dot_products_are_used_where_the_cpu_has_them(lib):
+    """On a CPU with AVX512_BF16 the native build runs bf16 on vdpbf16ps (no silent fallback to
+    float32 FMAs): its code has the instruction."""
+    flags = set(extension._cpu_signature().split(":", 1)[-1].split())
+    if "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no AVX512_BF16: the bf16 kernels run on float32 FMAs here")
+    info = ops.load_compiled()
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(info.library)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "vdpbf16ps" in code
+
+
 def test_cpu_arch_must_be_a_march_name(monkeypatch):
     monkeypatch.setenv("CCNET_OPS_CPU_ARCH", "native -fno-strict-aliasing")
     with pytest.raises(ValueError, match="CCNET_OPS_CPU_ARCH=.* is not a -march name"):

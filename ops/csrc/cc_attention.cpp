@@ -514,7 +514,8 @@ constexpr int64_t kChannelBlock = 32;  // channels per parallel work item of the
 constexpr int64_t kMaxEnergyRows = 49;
 constexpr int64_t kItemsPerThread = 4;
 
-// Every sum accumulates in float32 (float64 for float64) and is rounded once, as on the GPU.
+// Every sum accumulates in float32 (float64 for float64) and is rounded once, as on the GPU
+// (vdpbf16ps, below, treats subnormal inputs and results as zero).
 // bfloat16 runs natively, without widened copies. Where the CPU has bf16 dot products
 // (AVX512_BF16; a loop of independent ones ran at 186 GFLOP/s on one core of an AMD EPYC, FMAs
 // at 104) the column kernels run on them, and so do the row slots (bf16dot: packed per row, no
@@ -672,7 +673,7 @@ void row_mix(const __m512i* packs, const at::Tensor& f, int64_t c_begin, int64_t
   const int64_t block = (W + 1) / 2 * ((W + kLanes - 1) / kLanes);
   const auto* pf = reinterpret_cast<const uint16_t*>(f.const_data_ptr<c10::BFloat16>());
   float* ps = sums.mutable_data_ptr<float>();
-  const int64_t sums_image = sums.size(1) * P;
+  const int64_t sums_image = sums.stride(0);  // sums may be a narrowed chunk of a larger buffer
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, y = item % H;
@@ -749,7 +750,7 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
   at::Tensor out = at::empty_like(f);
   // The row pass's sums in float32 (float64): straight into out when out is that dtype; for bf16
   // into a buffer of `chunk` channels at a time, each chunk's column pass right after its row
-  // pass. A buffer of at most kSumsBytes stays below glibc's largest mmap threshold (32 MiB), so
+  // pass. A buffer within kSumsBytes (sums_chunk) stays below glibc's largest mmap threshold (32 MiB), so
   // it comes back from the heap call after call rather than as fresh pages: cc_aggregate in bf16
   // at the paper's shape with N = 2 took 24.4 ms with a whole-size buffer, and 13.2 ms when the
   // allocator was told to keep memory (measured while tuning).
