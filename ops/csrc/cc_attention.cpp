@@ -526,6 +526,9 @@ constexpr int64_t kItemsPerThread = 4;
 
 bool widened(const at::Tensor& t) { return t.scalar_type() == at::kHalf; }
 
+// Whether bf16 row slots run on the dot-product kernels below (bf16dot) rather than on row_gemms.
+bool dot_rows(const at::Tensor& t) { return kBFloat16Dot && t.scalar_type() == at::kBFloat16 && blas_allowed(); }
+
 #if defined(__AVX512BF16__)
 // The row pass of cc_aggregate (Scatter = false) and cc_scatter (Scatter = true) in bfloat16 on
 // the CPU's bf16 dot products (vdpbf16ps: 16 float32 lanes, each adding two bf16 products), into
@@ -553,14 +556,15 @@ inline __mmask16 lanes_mask(int64_t n) { return static_cast<__mmask16>((1u << st
 // `lanes` columns, `stride` apart from base; zero past the last row or column.
 void pack_pairs(const uint16_t* base, int64_t stride, int64_t count, int64_t lanes, __m512i* pack) {
   const int64_t pairs = (count + 1) / 2, tiles = (lanes + kLanes - 1) / kLanes;
+  using VT = Vec<float, 64>;
+  const auto* rows = reinterpret_cast<const c10::BFloat16*>(base);
   for (int64_t p = 0; p < pairs; ++p)
     for (int64_t t = 0; t < tiles; ++t) {
-      const __mmask16 m = lanes_mask(lanes - t * kLanes);
-      const uint16_t* at = base + 2 * p * stride + t * kLanes;
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at));
-      const __m512i hi = 2 * p + 1 < count ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at + stride))
-                                           : _mm512_setzero_si512();
-      pack[p * tiles + t] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      const int64_t nx = std::min<int64_t>(kLanes, lanes - t * kLanes);
+      const c10::BFloat16* lo = rows + 2 * p * stride + t * kLanes;
+      const c10::BFloat16* hi = 2 * p + 1 < count ? lo + stride : nullptr;
+      const typename VT::Words words = nx == kLanes ? VT::pair<true>(lo, hi, nx) : VT::pair<false>(lo, hi, nx);
+      std::memcpy(&pack[p * tiles + t], &words, sizeof(words));
     }
 }
 
@@ -694,7 +698,7 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
   const at::Tensor rows = e.narrow(1, 0, W);
-  if (a.scalar_type() == at::kBFloat16 && kBFloat16Dot && blas_allowed()) {
+  if (dot_rows(a)) {
 #if defined(__AVX512BF16__)
     bf16dot::row_energy(a, b, e);
 #endif
@@ -759,13 +763,12 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
   const int64_t chunk = separate ? sums_chunk(N, C, H * W, (W + WideVec<float>::kLanes - 1) / WideVec<float>::kLanes) : C;
   const at::Tensor sums = separate ? at::empty({N, chunk, H, W}, f.options().dtype(acc_type)) : out;
 #if defined(__AVX512BF16__)
-  const bool dot_rows = f.scalar_type() == at::kBFloat16 && blas_allowed();
-  const std::unique_ptr<__m512i[]> row_packs = dot_rows ? bf16dot::pack_rows<Scatter>(w, N, H, W) : nullptr;
+  const std::unique_ptr<__m512i[]> row_packs = dot_rows(f) ? bf16dot::pack_rows<Scatter>(w, N, H, W) : nullptr;
 #endif
   const auto row_pass = [&](int64_t c0, int64_t c1) {
     const at::Tensor part = sums.narrow(1, separate ? 0 : c0, c1 - c0);
 #if defined(__AVX512BF16__)
-    if (dot_rows) return bf16dot::row_mix(row_packs.get(), f, c0, c1, part);
+    if (row_packs) return bf16dot::row_mix(row_packs.get(), f, c0, c1, part);
 #endif
     row_gemms(part, f.narrow(1, c0, c1 - c0), /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
   };
