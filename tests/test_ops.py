@@ -132,6 +132,18 @@ def test_cpu_row_gemm_paths_match_reference(lib, monkeypatch, blas, dtype):
     assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v), dtype)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 11, 1, 50), (1, 1, 6, 7, 64), (1, 11, 13, 5, 65), (2, 7, 17, 3, 16),
+                                   (1, 3, 5, 2, 1)])
+def test_cpu_float32_row_kernels_match_reference(lib, shape):
+    """float32 row slots (on AVX-512: register tiles of 6 rows x 4 vectors of 16 lanes, packed
+    per image row; else the BLAS): C and W leave every remainder of a 6-row block (1 to 5, and
+    none), W gives tile groups of 1 to 4 vectors with and without a partial last one (50: a
+    2-lane tail, 64: none, 65: a 1-lane tail), and H = 1 has rows only."""
+    q, k, v = sample_inputs(shape, dtype=torch.float32)
+    assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v),
+                     torch.float32)
+
+
 # Instruction sets besides the host's that the CPU kernels have code paths for, and the CPU
 # flags that running them needs: AVX2 (32-byte vectors, no masked loads); AVX-512 without bf16
 # dot products (64-byte vectors; bf16 through float32 FMAs and MKL's bf16 GEMM).
@@ -154,7 +166,7 @@ def test_cpu_kernels_built_for_another_instruction_set(tmp_path, arch):
         pytest.skip(f"this CPU cannot run {arch} code: it lacks {sorted(OTHER_ISAS[arch] - flags)}")
     env = {**os.environ, "CCNET_OPS_CPU_ARCH": arch, "CCNET_OPS_CACHE": str(tmp_path), "CCNET_OPS_CUDA": "0"}
     selection = ("round_float32 or accumulates_in_float32 or beyond or reduced_precision or sums_in_chunks"
-                 " or every_cpu_column_tile or row_gemm_paths or compiled_matches_reference")
+                 " or every_cpu_column_tile or row_gemm_paths or row_kernels or compiled_matches_reference")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
                            "tests/test_ops.py", "tests/test_mixed_precision.py", "-k", selection],
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,

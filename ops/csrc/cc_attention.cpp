@@ -9,8 +9,9 @@
 // gradients are again primitives (d cc_energy: cc_aggregate and cc_scatter, and so on), so
 // the backward is built from registered ops (ops/criss_cross.py).
 //
-// On the CPU the row slots are BLAS GEMMs, one per image row (in bfloat16 on a CPU with bf16 dot
-// products, kernels of ours); the column slots are register-tiled kernels
+// On the CPU the row slots are register-tiled kernels of ours with AVX-512 (float32, and bfloat16
+// on a CPU with bf16 dot products), else BLAS GEMMs, one per image row; the column slots are
+// register-tiled kernels
 // whose SIMD lanes run along x, the contiguous dimension, each lane a small GEMM of its own over
 // packed operands.
 #include <ATen/Parallel.h>
@@ -422,7 +423,8 @@ void parallel_columns(int64_t N, int64_t W, int64_t blocks, const F& f) {
 // with float32 sums through MKL's gemm_bf16bf16f32; where PyTorch exports no such BLAS, or
 // CCNET_OPS_CPU_BLAS=0 asks for it, ATen's bmm runs them (bfloat16 into float32 on widened
 // copies), and a product stored in bfloat16 always runs there (oneDNN's bfloat16 GEMM).
-// (On a CPU with bf16 dot products, bf16 row slots run on kernels of ours instead: bf16dot.)
+// (With AVX-512, float32 row slots run on kernels of ours instead, and so do bf16 ones on a CPU
+// with bf16 dot products: rowk.)
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
             const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
@@ -518,87 +520,135 @@ constexpr int64_t kItemsPerThread = 4;
 // (vdpbf16ps, below, treats subnormal inputs and results as zero).
 // bfloat16 runs natively, without widened copies. Where the CPU has bf16 dot products
 // (AVX512_BF16; a loop of independent ones ran at 186 GFLOP/s on one core of an AMD EPYC, FMAs
-// at 104) the column kernels run on them, and so do the row slots (bf16dot: packed per row, no
-// copies of the operands as ATen's bmm makes). Elsewhere the column kernels widen bf16 in registers
-// and run float32 FMAs, and the row slots run on MKL's bf16 GEMM into float32 (the energies'
-// then rounded). float16 runs the float32 kernels on widened copies and rounds the result, a
-// pass over memory each way.
+// at 104) the column kernels run on them, and so do the row slots (rowk, below: packed per row,
+// no copies of the operands as ATen's bmm makes). Elsewhere the column kernels widen bf16 in
+// registers and run float32 FMAs, and the row slots run on MKL's bf16 GEMM into float32 (the
+// energies' then rounded). float16 runs the float32 kernels on widened copies and rounds the
+// result, a pass over memory each way.
 
 bool widened(const at::Tensor& t) { return t.scalar_type() == at::kHalf; }
 
-// Whether bf16 row slots run on the dot-product kernels below (bf16dot) rather than on row_gemms.
-bool dot_rows(const at::Tensor& t) { return kBFloat16Dot && t.scalar_type() == at::kBFloat16 && blas_allowed(); }
+// Whether the row slots of t's dtype run on the kernels of ours below (rowk) rather than on
+// row_gemms: float32 on a CPU with AVX-512, bfloat16 on one with bf16 dot products, unless
+// CCNET_OPS_CPU_BLAS=0 routes them through ATen's bmm.
+#if defined(__AVX512F__)
+constexpr bool kFloatRows = true;
+#else
+constexpr bool kFloatRows = false;
+#endif
+bool own_rows(const at::Tensor& t) {
+  const bool kind = (kFloatRows && t.scalar_type() == at::kFloat) ||
+                    (kBFloat16Dot && t.scalar_type() == at::kBFloat16);
+  return kind && blas_allowed();
+}
 
-#if defined(__AVX512BF16__)
-// The row pass of cc_aggregate (Scatter = false) and cc_scatter (Scatter = true) in bfloat16 on
-// the CPU's bf16 dot products (vdpbf16ps: 16 float32 lanes, each adding two bf16 products), into
-// float32 sums. Per image n and row y, both are (C x W) (W x W) products whose left operand is
-// the feature's row, f[c, y, j] for j along the row:
-//   aggregate: out[c, y, x] = sum_i f[c, y, i] w[i, y, x]    lanes along x, pairs of i
-//   scatter:   out[c, y, i] = sum_x f[c, y, x] w[i, y, x]    lanes along i, pairs of x
-// A pair of the left operand is two neighbours in memory, one 32-bit word to broadcast; the
-// right operand is packed once per row into (pair, tile) vectors of 16 lanes x 2, zero past the
-// row's end, so a tile's spare lanes and an odd W's last pair add nothing (the last pair's left
-// word is read as one element, never past the row).
-namespace bf16dot {
+#if defined(__AVX512F__)
+// The row slots on AVX-512, into float32 sums: float32 on FMAs, bfloat16 on the CPU's bf16 dot
+// products (vdpbf16ps: 16 float32 lanes, each adding two bf16 products). MKL's sgemm took about
+// a third of cc_aggregate at the paper's shape, a quarter of it in its own packing and zeroing,
+// and on AMD CPUs it runs its AVX2 kernels; MKL's bf16 GEMM ran at the float32 rate there.
+// Per image n and row y, the aggregations are (C x W) (W x W) products whose left operand is the
+// feature's row, f[c, y, j] for j along the row:
+//   aggregate: out[c, y, x] = sum_i f[c, y, i] w[i, y, x]    lanes along x, steps along i
+//   scatter:   out[c, y, i] = sum_x f[c, y, x] w[i, y, x]    lanes along i, steps along x
+// and the energy is a (W x C) (C x W) product, lanes along x and steps along c. A step of the
+// left operand is one element (float32) or two neighbours in memory (bf16), one 32-bit word to
+// broadcast; the right operand is packed once per row into (step, tile) vectors of 16 lanes,
+// zero past the row's end, so a tile's spare lanes and an odd W's last bf16 pair add nothing
+// (that pair's left word is read as one element, never past the row).
+namespace rowk {
 
 constexpr int kLanes = 16;
-constexpr int kRows = 6;   // channels per register tile
+constexpr int kRows = 6;   // product rows (channels, or the energy's i) per register tile
 constexpr int kTiles = 4;  // lane tiles per register tile
-
-inline uint32_t pair_at(const uint16_t* row, int64_t j, int64_t W) {
-  return j + 1 < W ? uint32_t(row[j]) | uint32_t(row[j + 1]) << 16 : uint32_t(row[j]);
-}
 
 inline __mmask16 lanes_mask(int64_t n) { return static_cast<__mmask16>((1u << std::min<int64_t>(n, kLanes)) - 1u); }
 
-// pack[p * tiles + t], lane l: (row 2p, row 2p + 1) at column 16 t + l, for `count` rows of
-// `lanes` columns, `stride` apart from base; zero past the last row or column.
-void pack_pairs(const uint16_t* base, int64_t stride, int64_t count, int64_t lanes, __m512i* pack) {
-  const int64_t pairs = (count + 1) / 2, tiles = (lanes + kLanes - 1) / kLanes;
-  using VT = Vec<float, 64>;
-  const auto* rows = reinterpret_cast<const c10::BFloat16*>(base);
-  for (int64_t p = 0; p < pairs; ++p)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t nx = std::min<int64_t>(kLanes, lanes - t * kLanes);
-      const c10::BFloat16* lo = rows + 2 * p * stride + t * kLanes;
-      const c10::BFloat16* hi = 2 * p + 1 < count ? lo + stride : nullptr;
-      const typename VT::Words words = nx == kLanes ? VT::pair<true>(lo, hi, nx) : VT::pair<false>(lo, hi, nx);
-      std::memcpy(&pack[p * tiles + t], &words, sizeof(words));
-    }
-}
+// float32: a step is one row, one FMA per lane.
+struct F32 {
+  using Storage = float;
+  using Word = float;
+  static constexpr int64_t steps(int64_t n) { return n; }
+  static inline Word word_at(const float* row, int64_t s, int64_t) { return row[s]; }
+  static inline __m512 step(__m512 acc, Word a, __m512i b) {
+    return _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_castsi512_ps(b), acc);
+  }
+  // pack[s * tiles + t], lane l: row s at column 16 t + l, for `count` rows of `lanes` columns,
+  // `stride` apart from base; zero past the last column.
+  static void pack(const float* base, int64_t stride, int64_t count, int64_t lanes, __m512i* pack) {
+    const int64_t tiles = (lanes + kLanes - 1) / kLanes;
+    for (int64_t s = 0; s < count; ++s)
+      for (int64_t t = 0; t < tiles; ++t)
+        pack[s * tiles + t] = _mm512_castps_si512(
+            _mm512_maskz_loadu_ps(lanes_mask(lanes - t * kLanes), base + s * stride + t * kLanes));
+  }
+  // pack[x * tiles + t], lane l: w[i, y, x] for i = 16 t + l, zero where i passes W.
+  static void pack_transposed(const float* wy, int64_t P, int64_t W, __m512i* pack) {
+    const int64_t tiles = (W + kLanes - 1) / kLanes;
+    auto* words = reinterpret_cast<float*>(pack);
+    std::memset(pack, 0, W * tiles * sizeof(__m512i));
+    for (int64_t i = 0; i < W; ++i)
+      for (int64_t x = 0; x < W; ++x) words[(x * tiles + i / kLanes) * kLanes + i % kLanes] = wy[i * P + x];
+  }
+};
 
-// pack[p * tiles + t], lane l: (w[2p, y, x], w[2p + 1, y, x]) for x = 16 t + l (aggregate), or
-// (w[i, y, 2p], w[i, y, 2p + 1]) for i = 16 t + l (scatter); zero where the index passes W.
-template <bool Scatter>
-void pack_row_weights(const uint16_t* wy, int64_t P, int64_t W, __m512i* pack) {
-  const int64_t pairs = (W + 1) / 2, tiles = (W + kLanes - 1) / kLanes;
-  if constexpr (!Scatter) {
-    pack_pairs(wy, P, W, W, pack);
-  } else {
+#if defined(__AVX512BF16__)
+// bfloat16: a step is two rows, paired into 32-bit words, one dot product per lane.
+struct Bf16 {
+  using Storage = uint16_t;
+  using Word = uint32_t;
+  static constexpr int64_t steps(int64_t n) { return (n + 1) / 2; }
+  // the pair (row[2s], row[2s + 1]), the second zero past W
+  static inline Word word_at(const uint16_t* row, int64_t s, int64_t W) {
+    const int64_t j = 2 * s;
+    return j + 1 < W ? uint32_t(row[j]) | uint32_t(row[j + 1]) << 16 : uint32_t(row[j]);
+  }
+  static inline __m512 step(__m512 acc, Word a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a)), (__m512bh)b);
+  }
+  // pack[p * tiles + t], lane l: (row 2p, row 2p + 1) at column 16 t + l, for `count` rows of
+  // `lanes` columns, `stride` apart from base; zero past the last row or column.
+  static void pack(const uint16_t* base, int64_t stride, int64_t count, int64_t lanes, __m512i* pack) {
+    const int64_t pairs = (count + 1) / 2, tiles = (lanes + kLanes - 1) / kLanes;
+    using VT = Vec<float, 64>;
+    const auto* rows = reinterpret_cast<const c10::BFloat16*>(base);
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t nx = std::min<int64_t>(kLanes, lanes - t * kLanes);
+        const c10::BFloat16* lo = rows + 2 * p * stride + t * kLanes;
+        const c10::BFloat16* hi = 2 * p + 1 < count ? lo + stride : nullptr;
+        const typename VT::Words words = nx == kLanes ? VT::pair<true>(lo, hi, nx) : VT::pair<false>(lo, hi, nx);
+        std::memcpy(&pack[p * tiles + t], &words, sizeof(words));
+      }
+  }
+  // pack[p * tiles + t], lane l: (w[i, y, 2p], w[i, y, 2p + 1]) for i = 16 t + l, zero where i
+  // or 2p + 1 passes W.
+  static void pack_transposed(const uint16_t* wy, int64_t P, int64_t W, __m512i* pack) {
+    const int64_t pairs = (W + 1) / 2, tiles = (W + kLanes - 1) / kLanes;
     auto* words = reinterpret_cast<uint32_t*>(pack);
     std::memset(pack, 0, pairs * tiles * sizeof(__m512i));
     for (int64_t i = 0; i < W; ++i)
-      for (int64_t p = 0; p < pairs; ++p) words[(p * tiles + i / kLanes) * kLanes + i % kLanes] = pair_at(wy + i * P, 2 * p, W);
+      for (int64_t p = 0; p < pairs; ++p) words[(p * tiles + i / kLanes) * kLanes + i % kLanes] = word_at(wy + i * P, p, W);
   }
-}
+};
+#endif
 
 // Rows r < rows of a product, lanes 16 (t0 + j) + l for j < NT and below `lanes`: the sum over
-// steps p of word(r, p) (two bf16 in a 32-bit word, broadcast) dot pack[p * tiles + t0 + j],
-// stored at out + r * out_stride in float32, or rounded once to bf16 (Out = c10::BFloat16).
-// word(r, p) must be valid for every r < kRows (callers repeat their last row).
-template <int NT, typename Out, typename Word>
-void row_tile(const Word& word, int64_t rows, int64_t steps, const __m512i* pack, int64_t tiles, int64_t t0,
+// steps p of word(r, p) (broadcast) times pack[p * tiles + t0 + j], stored at out + r * out_stride
+// in float32, or rounded once to bf16 (Out = c10::BFloat16). word(r, p) must be valid for every
+// r < kRows (callers repeat their last row).
+template <typename K, int NT, typename Out, typename WordOf>
+void row_tile(const WordOf& word, int64_t rows, int64_t steps, const __m512i* pack, int64_t tiles, int64_t t0,
               int64_t lanes, Out* out, int64_t out_stride) {
   __m512 acc[kRows][NT];
   for (int r = 0; r < kRows; ++r)
     for (int j = 0; j < NT; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < steps; ++p) {
-    __m512bh b[NT];
-    for (int j = 0; j < NT; ++j) b[j] = (__m512bh)pack[p * tiles + t0 + j];
+    __m512i b[NT];
+    for (int j = 0; j < NT; ++j) b[j] = pack[p * tiles + t0 + j];
     for (int r = 0; r < kRows; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word(r, p)));
-      for (int j = 0; j < NT; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+      const typename K::Word a = word(r, p);
+      for (int j = 0; j < NT; ++j) acc[r][j] = K::step(acc[r][j], a, b[j]);
     }
   }
   for (int r = 0; r < rows; ++r)
@@ -615,8 +665,8 @@ void row_tile(const Word& word, int64_t rows, int64_t steps, const __m512i* pack
 }
 
 // row_tile over every row block and tile group of a (rows x lanes) product.
-template <typename Out, typename Word>
-void row_product(const Word& word, int64_t rows, int64_t steps, const __m512i* pack, int64_t lanes, Out* out,
+template <typename K, typename Out, typename WordOf>
+void row_product(const WordOf& word, int64_t rows, int64_t steps, const __m512i* pack, int64_t lanes, Out* out,
                  int64_t out_stride) {
   const int64_t tiles = (lanes + kLanes - 1) / kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
@@ -625,70 +675,95 @@ void row_product(const Word& word, int64_t rows, int64_t steps, const __m512i* p
     Out* o = out + r0 * out_stride;
     for (int64_t t0 = 0; t0 < tiles; t0 += kTiles) {
       switch (std::min<int64_t>(kTiles, tiles - t0)) {
-        case 4: row_tile<4>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
-        case 3: row_tile<3>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
-        case 2: row_tile<2>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
-        default: row_tile<1>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        case 4: row_tile<K, 4>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        case 3: row_tile<K, 3>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        case 2: row_tile<K, 2>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
+        default: row_tile<K, 1>(block, n, steps, pack, tiles, t0, lanes, o, out_stride); break;
       }
     }
   }
 }
 
-// The row slots of cc_energy in bf16: e[n, i, y, x] = sum_c b[n, c, y, i] a[n, c, y, x], per image
-// and row a (W x C) (C x W) product over pairs of channels: both operands packed per row, lanes
-// along x for a, words along i for b.
+template <typename K, typename S>
+const typename K::Storage* storage(const at::Tensor& t) {
+  return reinterpret_cast<const typename K::Storage*>(t.const_data_ptr<S>());
+}
+
+// The row slots of cc_energy: e[n, i, y, x] = sum_c b[n, c, y, i] a[n, c, y, x], per image and
+// row a (W x C) (C x W) product over channels (pairs of them in bf16): both operands packed per
+// row, lanes along x for a, words along i for b.
+template <typename K, typename S>
 void row_energy(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), P = H * W, L = num_slots(H, W);
-  const int64_t pairs = (C + 1) / 2, tiles = (W + kLanes - 1) / kLanes;
-  const auto* pa = reinterpret_cast<const uint16_t*>(a.const_data_ptr<c10::BFloat16>());
-  const auto* pb = reinterpret_cast<const uint16_t*>(b.const_data_ptr<c10::BFloat16>());
-  auto* pe = e.mutable_data_ptr<c10::BFloat16>();
+  const int64_t steps = K::steps(C), tiles = (W + kLanes - 1) / kLanes;
+  const auto* pa = storage<K, S>(a);
+  const auto* pb = storage<K, S>(b);
+  S* pe = e.mutable_data_ptr<S>();
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    __m512i* a_pack = scratch<__m512i, 6>(pairs * tiles);
-    __m512i* b_pack = scratch<__m512i, 7>(pairs * tiles);
+    __m512i* a_pack = scratch<__m512i, 6>(steps * tiles);
+    __m512i* b_pack = scratch<__m512i, 7>(steps * tiles);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, y = item % H;
-      pack_pairs(pa + n * C * P + y * W, P, C, W, a_pack);
-      pack_pairs(pb + n * C * P + y * W, P, C, W, b_pack);
-      const auto* words = reinterpret_cast<const uint32_t*>(b_pack);  // word (i, p) at p * tiles * 16 + i
-      row_product([&](int64_t i, int64_t p) { return words[p * tiles * kLanes + i]; }, W, pairs, a_pack, W,
-                  pe + n * L * P + y * W, P);
+      K::pack(pa + n * C * P + y * W, P, C, W, a_pack);
+      K::pack(pb + n * C * P + y * W, P, C, W, b_pack);
+      // word (i, p) at p * tiles * 16 + i
+      const auto* words = reinterpret_cast<const typename K::Word*>(b_pack);
+      row_product<K>([&](int64_t i, int64_t p) { return words[p * tiles * kLanes + i]; }, W, steps, a_pack, W,
+                     pe + n * L * P + y * W, P);
     }
   });
 }
 
-// The packed row weights of every image and row, (N, H) blocks of pairs x tiles vectors.
-template <bool Scatter>
+// The packed row weights of every image and row, (N, H) blocks of steps x tiles vectors:
+// rows i of w (aggregate) or, Scatter, its transpose.
+template <typename K, typename S, bool Scatter>
 std::unique_ptr<__m512i[]> pack_rows(const at::Tensor& w, int64_t N, int64_t H, int64_t W) {
-  const int64_t P = H * W, L = num_slots(H, W), block = (W + 1) / 2 * ((W + kLanes - 1) / kLanes);
+  const int64_t P = H * W, L = num_slots(H, W), block = K::steps(W) * ((W + kLanes - 1) / kLanes);
   std::unique_ptr<__m512i[]> packs(new __m512i[N * H * block]);
-  const auto* pw = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
+  const auto* pw = storage<K, S>(w);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item)
-      pack_row_weights<Scatter>(pw + item / H * L * P + item % H * W, P, W, &packs[item * block]);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto* wy = pw + item / H * L * P + item % H * W;
+      if constexpr (Scatter) {
+        K::pack_transposed(wy, P, W, &packs[item * block]);
+      } else {
+        K::pack(wy, P, W, W, &packs[item * block]);
+      }
+    }
   });
   return packs;
 }
 
 // sums (N, *, H, W) float32, its channel 0 = channel c_begin: the row pass of the packed weights
-// on the channels [c_begin, c_end) of f (N, C, H, W), bfloat16.
+// on the channels [c_begin, c_end) of f (N, C, H, W).
+template <typename K, typename S>
 void row_mix(const __m512i* packs, const at::Tensor& f, int64_t c_begin, int64_t c_end, const at::Tensor& sums) {
   const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), P = H * W;
-  const int64_t block = (W + 1) / 2 * ((W + kLanes - 1) / kLanes);
-  const auto* pf = reinterpret_cast<const uint16_t*>(f.const_data_ptr<c10::BFloat16>());
+  const int64_t steps = K::steps(W), block = steps * ((W + kLanes - 1) / kLanes);
+  const auto* pf = storage<K, S>(f);
   float* ps = sums.mutable_data_ptr<float>();
   const int64_t sums_image = sums.stride(0);  // sums may be a narrowed chunk of a larger buffer
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, y = item % H;
-      const uint16_t* fy = pf + (n * C + c_begin) * P + y * W;  // channel c's row at fy + c * P
-      row_product([&](int64_t c, int64_t p) { return pair_at(fy + c * P, 2 * p, W); }, c_end - c_begin,
-                  (W + 1) / 2, packs + item * block, W, ps + n * sums_image + y * W, P);
+      const auto* fy = pf + (n * C + c_begin) * P + y * W;  // channel c's row at fy + c * P
+      row_product<K>([&](int64_t c, int64_t p) { return K::word_at(fy + c * P, p, W); }, c_end - c_begin, steps,
+                     packs + item * block, W, ps + n * sums_image + y * W, P);
     }
   });
 }
 
-}  // namespace bf16dot
+// Calls f(K{}, S{}) with the kernels' kind K for t's storage S; own_rows(t) must hold.
+template <typename F>
+void with_kind(const at::Tensor& t, const F& f) {
+#if defined(__AVX512BF16__)
+  if (t.scalar_type() == at::kBFloat16) return f(Bf16{}, c10::BFloat16{});
+#endif
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat, "rowk: no row kernels for ", t.scalar_type());
+  f(F32{}, float{});
+}
+
+}  // namespace rowk
 #endif
 
 at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
@@ -698,9 +773,11 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
   const at::Tensor rows = e.narrow(1, 0, W);
-  if (dot_rows(a)) {
-#if defined(__AVX512BF16__)
-    bf16dot::row_energy(a, b, e);
+  if (own_rows(a)) {
+#if defined(__AVX512F__)
+    rowk::with_kind(a, [&](auto kind, auto storage) {
+      rowk::row_energy<decltype(kind), decltype(storage)>(a, b, e);
+    });
 #endif
   } else if (a.scalar_type() == at::kBFloat16 && !kBFloat16Dot) {
     const at::Tensor sums = at::empty(rows.sizes(), a.options().dtype(at::kFloat));
@@ -762,13 +839,22 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
   const bool separate = acc_type != f.scalar_type();
   const int64_t chunk = separate ? sums_chunk(N, C, H * W, (W + WideVec<float>::kLanes - 1) / WideVec<float>::kLanes) : C;
   const at::Tensor sums = separate ? at::empty({N, chunk, H, W}, f.options().dtype(acc_type)) : out;
-#if defined(__AVX512BF16__)
-  const std::unique_ptr<__m512i[]> row_packs = dot_rows(f) ? bf16dot::pack_rows<Scatter>(w, N, H, W) : nullptr;
+#if defined(__AVX512F__)
+  std::unique_ptr<__m512i[]> row_packs;
+  if (own_rows(f)) {
+    rowk::with_kind(f, [&](auto kind, auto storage) {
+      row_packs = rowk::pack_rows<decltype(kind), decltype(storage), Scatter>(w, N, H, W);
+    });
+  }
 #endif
   const auto row_pass = [&](int64_t c0, int64_t c1) {
     const at::Tensor part = sums.narrow(1, separate ? 0 : c0, c1 - c0);
-#if defined(__AVX512BF16__)
-    if (row_packs) return bf16dot::row_mix(row_packs.get(), f, c0, c1, part);
+#if defined(__AVX512F__)
+    if (row_packs) {
+      return rowk::with_kind(f, [&](auto kind, auto storage) {
+        rowk::row_mix<decltype(kind), decltype(storage)>(row_packs.get(), f, c0, c1, part);
+      });
+    }
 #endif
     row_gemms(part, f.narrow(1, c0, c1 - c0), /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
   };
