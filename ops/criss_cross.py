@@ -177,11 +177,11 @@ def _compiled_serves(device: torch.device) -> bool:
 # The fused mode by default (fused=None, the compiled implementation) once a pixel's slots,
 # H + W - 1, outnumber the value's channels C by this factor. Measured on the CPU, forward +
 # backward, float32 (``python -m ops.bench --shape "slots 3C" ...``; README, "The fused mode"):
-# from 3 slots per channel on, the fused mode's peak memory is at most 0.44x the map's (11
-# against 25 MB at 3, 22 against 57 at 4, 60 against 182 at 6), for 1.75x and 1.47x the time at
-# 3 and 4 and 0.84x at 6; at 2 it takes 0.55x the memory for 1.68x the time (nothing measured
-# between 0.75 and 2), at a whole Cityscapes image (0.75) 0.91x for 2.41x, and at the paper's
-# shape (0.38) 1.16x for 2.63x: 3 keeps the faster map where the fused mode saves little memory.
+# from 3 slots per channel on, the fused mode's peak memory is at most 0.42x the map's (11
+# against 26 MB at 3, 22 against 58 at 4, 61 against 186 at 6), for 1.68x and 1.42x the time at
+# 3 and 4 and 0.95x at 6; at 2 it takes 0.54x the memory for 1.77x the time (nothing measured
+# between 0.75 and 2), at a whole Cityscapes image (0.75) 0.91x for 2.54x, and at the paper's
+# shape (0.38) 1.14x for 3.26x: 3 keeps the faster map where the fused mode saves little memory.
 # On CUDA the same threshold applies, unmeasured there.
 FUSED_SLOTS_PER_CHANNEL = 3.0
 
