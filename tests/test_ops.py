@@ -126,19 +126,21 @@ def test_compiled_matches_reference_float32_cpu(lib, shape):
 @pytest.mark.parametrize("blas", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_row_gemm_paths_match_reference(lib, monkeypatch, blas, dtype):
-    """The row slots run on PyTorch's BLAS, or on ATen's bmm where there is none: both agree."""
+    """The row slots run on PyTorch's BLAS (float32 on kernels of ours where the build has AVX-512),
+    or on ATen's bmm with CCNET_OPS_CPU_BLAS=0: both agree with the reference."""
     monkeypatch.setenv("CCNET_OPS_CPU_BLAS", blas)
     q, k, v = sample_inputs((2, 4, 12, 9, 11), dtype=dtype, layout="sliced")
     assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v), dtype)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 11, 1, 50), (1, 1, 6, 7, 64), (1, 11, 13, 5, 65), (2, 7, 17, 3, 16),
-                                   (1, 3, 5, 2, 1)])
+                                   (1, 3, 5, 2, 1), (2, 4, 9, 4, 20), (1, 2, 8, 3, 40)])
 def test_cpu_float32_row_kernels_match_reference(lib, shape):
-    """float32 row slots (on AVX-512: register tiles of 6 rows x 4 vectors of 16 lanes, packed
-    per image row; else the BLAS): C and W leave every remainder of a 6-row block (1 to 5, and
-    none), W gives tile groups of 1 to 4 vectors with and without a partial last one (50: a
-    2-lane tail, 64: none, 65: a 1-lane tail), and H = 1 has rows only."""
+    """float32 row slots (on AVX-512: register tiles of 6 rows x up to 4 vectors of 16 lanes,
+    packed per image row; else the BLAS): C and W leave every remainder of a 6-row block (1 to 5,
+    and none); W gives groups of 1 (16, 1), 2 (20), 3 (40) and 4 (50, 64) vectors and 4 + 1 (65),
+    with a partial last vector (1, 20, 40, 50: a 2-lane tail, 65: a 1-lane one) or none (16, 64);
+    H = 1 has rows only."""
     q, k, v = sample_inputs(shape, dtype=torch.float32)
     assert_close_all(forward_and_grads("compiled", q, k, v), forward_and_grads("reference", q, k, v),
                      torch.float32)
@@ -697,7 +699,7 @@ def _big_enough(device: str, nbytes: int) -> bool:
 @pytest.mark.parametrize("device", DEVICES)
 def test_offsets_beyond_32_bits(lib, device):
     """An attention map of more than 2^31 elements (8.7 GB in float32): every kernel reads or writes
-    offsets past 2^31, in the row part (the CPU's BLAS calls) and in the column part. Checked on the
+    offsets past 2^31, in the row part (the CPU's row kernels or BLAS calls) and in the column part. Checked on the
     pixels whose offsets are largest, against sums written out here."""
     H, W = 64, 5800
     L = H + W - 1

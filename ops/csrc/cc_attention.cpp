@@ -257,8 +257,9 @@ inline void dispatch_tile(int64_t nx, const F& f) {
 // pack. Slot tells apart the buffers one thread holds at once. Each vector type (wide, narrow;
 // float, double) has its own, which only grows: for the column energy about 3.6 KB per channel
 // with AVX-512 (1.9 MB at C = 512), less for the column passes; in bf16 with dot products half
-// that, plus the column weights' staging, 32 H^2 bytes (0.3 MB at H = 97), and the bf16 row
-// energy's two packs (0.1 MB each at C = 512, W = 97).
+// that, plus the column weights' staging, 32 H^2 bytes (0.3 MB at H = 97); with AVX-512 the row
+// energy's two packs (0.23 MB each in float32 at C = 512, W = 97, half that in bf16) and a row's
+// packed weights for the aggregations (43 KB in float32 at W = 97, about 4 W^2 bytes).
 template <typename V, int Slot>
 V* scratch(int64_t n) {
   thread_local std::unique_ptr<V[]> buffer;
@@ -544,9 +545,11 @@ bool own_rows(const at::Tensor& t) {
 
 #if defined(__AVX512F__)
 // The row slots on AVX-512, into float32 sums: float32 on FMAs, bfloat16 on the CPU's bf16 dot
-// products (vdpbf16ps: 16 float32 lanes, each adding two bf16 products). MKL's sgemm took about
-// a third of cc_aggregate at the paper's shape, a quarter of it in its own packing and zeroing,
-// and on AMD CPUs it runs its AVX2 kernels; MKL's bf16 GEMM ran at the float32 rate there.
+// products (vdpbf16ps: 16 float32 lanes, each adding two bf16 products). On the AMD EPYC these
+// kernels were tuned on, MKL's sgemm took about a third of cc_aggregate at the paper's shape, a
+// quarter of its own time packing operands and zeroing the output, and ran its AVX2 kernel (no
+// zmm register in it); MKL's bf16 GEMM ran at the float32 rate there. On Intel CPUs, where MKL
+// has AVX-512 kernels, the comparison is unmeasured.
 // Per image n and row y, the aggregations are (C x W) (W x W) products whose left operand is the
 // feature's row, f[c, y, j] for j along the row:
 //   aggregate: out[c, y, x] = sum_i f[c, y, i] w[i, y, x]    lanes along x, steps along i
@@ -714,41 +717,60 @@ void row_energy(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e) {
   });
 }
 
-// The packed row weights of every image and row, (N, H) blocks of steps x tiles vectors:
-// rows i of w (aggregate) or, Scatter, its transpose.
+// Vectors of a row's packed weights: steps along the reduction x tiles of 16 lanes.
+template <typename K>
+constexpr int64_t row_block(int64_t W) {
+  return K::steps(W) * ((W + kLanes - 1) / kLanes);
+}
+
+// The packed weights of row `item` (image item / H, row item % H) of w: its rows i (aggregate)
+// or, Scatter, its transpose.
+template <typename K, bool Scatter>
+void pack_row(const typename K::Storage* pw, int64_t item, int64_t H, int64_t W, __m512i* pack) {
+  const int64_t P = H * W, L = num_slots(H, W);
+  const auto* wy = pw + item / H * L * P + item % H * W;
+  if constexpr (Scatter) {
+    K::pack_transposed(wy, P, W, pack);
+  } else {
+    K::pack(wy, P, W, W, pack);
+  }
+}
+
+// The packed weights of every image and row, (N, H) blocks of row_block vectors: for a row pass
+// in chunks of channels, which reads each row's weights once per chunk.
 template <typename K, typename S, bool Scatter>
 std::unique_ptr<__m512i[]> pack_rows(const at::Tensor& w, int64_t N, int64_t H, int64_t W) {
-  const int64_t P = H * W, L = num_slots(H, W), block = K::steps(W) * ((W + kLanes - 1) / kLanes);
+  const int64_t block = row_block<K>(W);
   std::unique_ptr<__m512i[]> packs(new __m512i[N * H * block]);
   const auto* pw = storage<K, S>(w);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const auto* wy = pw + item / H * L * P + item % H * W;
-      if constexpr (Scatter) {
-        K::pack_transposed(wy, P, W, &packs[item * block]);
-      } else {
-        K::pack(wy, P, W, W, &packs[item * block]);
-      }
-    }
+    for (int64_t item = begin; item < end; ++item) pack_row<K, Scatter>(pw, item, H, W, &packs[item * block]);
   });
   return packs;
 }
 
-// sums (N, *, H, W) float32, its channel 0 = channel c_begin: the row pass of the packed weights
-// on the channels [c_begin, c_end) of f (N, C, H, W).
-template <typename K, typename S>
-void row_mix(const __m512i* packs, const at::Tensor& f, int64_t c_begin, int64_t c_end, const at::Tensor& sums) {
+// sums (N, *, H, W) float32, its channel 0 = channel c_begin: the row pass of the weights w on the
+// channels [c_begin, c_end) of f (N, C, H, W). packs: every row's packed weights (pack_rows), or
+// null for a pass over all channels at once, which packs each row as it comes into a buffer of
+// its thread (a row's weights, not the map's row part, in memory).
+template <typename K, typename S, bool Scatter>
+void row_mix(const __m512i* packs, const at::Tensor& w, const at::Tensor& f, int64_t c_begin, int64_t c_end,
+             const at::Tensor& sums) {
   const int64_t N = f.size(0), C = f.size(1), H = f.size(2), W = f.size(3), P = H * W;
-  const int64_t steps = K::steps(W), block = steps * ((W + kLanes - 1) / kLanes);
+  const int64_t steps = K::steps(W), block = row_block<K>(W);
   const auto* pf = storage<K, S>(f);
+  const auto* pw = storage<K, S>(w);
   float* ps = sums.mutable_data_ptr<float>();
   const int64_t sums_image = sums.stride(0);  // sums may be a narrowed chunk of a larger buffer
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    __m512i* own = packs ? nullptr : scratch<__m512i, 8>(block);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, y = item % H;
+      if (!packs) pack_row<K, Scatter>(pw, item, H, W, own);
+      const __m512i* pack = packs ? packs + item * block : own;
       const auto* fy = pf + (n * C + c_begin) * P + y * W;  // channel c's row at fy + c * P
       row_product<K>([&](int64_t c, int64_t p) { return K::word_at(fy + c * P, p, W); }, c_end - c_begin, steps,
-                     packs + item * block, W, ps + n * sums_image + y * W, P);
+                     pack, W, ps + n * sums_image + y * W, P);
     }
   });
 }
@@ -778,6 +800,8 @@ at::Tensor energy_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
     rowk::with_kind(a, [&](auto kind, auto storage) {
       rowk::row_energy<decltype(kind), decltype(storage)>(a, b, e);
     });
+#else
+    TORCH_INTERNAL_ASSERT(false, "cc_energy: no row kernels of ours in this build");
 #endif
   } else if (a.scalar_type() == at::kBFloat16 && !kBFloat16Dot) {
     const at::Tensor sums = at::empty(rows.sizes(), a.options().dtype(at::kFloat));
@@ -839,9 +863,11 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
   const bool separate = acc_type != f.scalar_type();
   const int64_t chunk = separate ? sums_chunk(N, C, H * W, (W + WideVec<float>::kLanes - 1) / WideVec<float>::kLanes) : C;
   const at::Tensor sums = separate ? at::empty({N, chunk, H, W}, f.options().dtype(acc_type)) : out;
+  const bool rows_ours = own_rows(f);
 #if defined(__AVX512F__)
+  // every row's packed weights where the row pass runs in chunks (else each row packed as it comes)
   std::unique_ptr<__m512i[]> row_packs;
-  if (own_rows(f)) {
+  if (rows_ours && chunk < C) {
     rowk::with_kind(f, [&](auto kind, auto storage) {
       row_packs = rowk::pack_rows<decltype(kind), decltype(storage), Scatter>(w, N, H, W);
     });
@@ -849,13 +875,15 @@ at::Tensor mix_cpu(const at::Tensor& w_in, const at::Tensor& f_in, const char* o
 #endif
   const auto row_pass = [&](int64_t c0, int64_t c1) {
     const at::Tensor part = sums.narrow(1, separate ? 0 : c0, c1 - c0);
+    if (rows_ours) {
 #if defined(__AVX512F__)
-    if (row_packs) {
       return rowk::with_kind(f, [&](auto kind, auto storage) {
-        rowk::row_mix<decltype(kind), decltype(storage)>(row_packs.get(), f, c0, c1, part);
+        rowk::row_mix<decltype(kind), decltype(storage), Scatter>(row_packs.get(), w, f, c0, c1, part);
       });
-    }
+#else
+      TORCH_INTERNAL_ASSERT(false, "cc_mix: no row kernels of ours in this build");
 #endif
+    }
     row_gemms(part, f.narrow(1, c0, c1 - c0), /*t_lhs=*/false, w.narrow(1, 0, W), /*t_rhs=*/Scatter);
   };
   if (H == 1) {  // a single row has no column slots
