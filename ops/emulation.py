@@ -3,12 +3,13 @@
 ``ops/csrc/cuda/cc_kernels.cuh`` holds the CUDA kernels and their host wrappers; nvcc builds them
 into the real op (``cc_attention_cuda.cu``), and this module builds the same header with the host
 compiler (``csrc/cuda/emulation/cc_emulation.cpp`` with the ``cuda_emulation.h`` shim), which runs
-every thread of the real launch configuration one after another. The ops take the grid cap, so a
-test can make each thread run its grid-stride loop many times::
+every thread of the real launch configuration one after another (the threads of a block as fibers,
+switched at every ``__syncthreads``, for the kernels with tiles in shared memory). The ops take the
+grid cap, so a test can make each thread run its grid-stride loop many times::
 
     emu = load_emulation()
     e = emu.cc_energy(q, k, 1)               # one block of 256 threads, any CPU dtype
-    emu.cc_launch_config("cc_energy", N, C, H, W, 1)   # [items, blocks, threads]
+    emu.cc_launch_config("pack", N, C, H, W, 1)   # [tiles or items, blocks, threads]
 
 For tests only: slow (one thread at a time) and never used by ``ops.criss_cross_attention``.
 Nothing is built at import time; the library is cached like the real one (``CCNET_OPS_CACHE``).

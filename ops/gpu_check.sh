@@ -3,7 +3,7 @@
 #   bash ops/gpu_check.sh
 # builds the op (C++ and CUDA, strict), runs every GPU-marked test (op, mixed precision, SyncBN,
 # GPU inference, GPU training) and the host emulation of the CUDA kernels, runs compute-sanitizer
-# memcheck on small cases of every CUDA dtype, profiles the kernels with torch.profiler, runs the
+# (memcheck, racecheck, synccheck) on small cases of every CUDA dtype, profiles the kernels with torch.profiler, runs the
 # op benchmark, and measures training on the GPU with the compiled op and with the reference:
 # the training step alone (pipeline.step_bench: resnet18 at 512 and resnet101 at 769, bf16;
 # images/s, peak GPU memory, MFU) and, where Ray and MLflow are installed, a short run through
@@ -46,8 +46,13 @@ small="$PY -m ops.bench --device cuda --shape small --dtype float32 --dtype floa
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 1 $small > "$out/memcheck.txt" 2>&1 || failed="$failed memcheck"
   tail -n 20 "$out/memcheck.txt"
+  # the tiled layout kernels share memory between a block's threads: hazards and barrier misuse
+  for tool in racecheck synccheck; do
+    compute-sanitizer --tool $tool --error-exitcode 1 $small > "$out/$tool.txt" 2>&1 || failed="$failed $tool"
+    tail -n 5 "$out/$tool.txt"
+  done
 else
-  echo "compute-sanitizer not found: memcheck not run" | tee "$out/memcheck.txt"
+  echo "compute-sanitizer not found: memcheck, racecheck and synccheck not run" | tee "$out/memcheck.txt"
 fi
 
 $PY - <<'PY' 2>&1 | tee "$out/profile.txt" || failed="$failed profile"

@@ -66,13 +66,22 @@ def kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[Kernel]
                        2 * N * channels * W * H * H, True),
                 Kernel(f"{tag} combine", 2 * N * channels * P * acc + N * channels * P * s, N * channels * P, False)]
 
-    forward = [transpose("q", Cq), transpose("k", Cq), *energy("energy", Cq),
-               Kernel("softmax", 2 * (N * W * P + dense) * s + N * (H - 1) * P * s, 0, False),
+    # the column slots between the dense matrices and the slot map, one way or the other
+    columns = N * (H - 1) * P
+
+    def pack(what: str) -> Kernel:  # reads the dense matrices, writes the column slots
+        return Kernel(f"pack {what}", (dense + columns) * s, 0, False)
+
+    def unpack(what: str) -> Kernel:  # reads the column slots, writes the dense matrices
+        return Kernel(f"unpack {what}", (columns + dense) * s, 0, False)
+
+    forward = [transpose("q", Cq), transpose("k", Cq), *energy("energy", Cq), pack("energy"),
+               Kernel("softmax", 2 * slots * s, 0, False), unpack("attention"),
                transpose("v", C), *mix("aggregate", C)]
-    backward = [transpose("grad", C), Kernel("unpack", (N * (H - 1) * P + dense) * s, 0, False),
-                *mix("dv (scatter)", C), transpose("v", C), *energy("d attention", C),
-                Kernel("softmax backward", (slots + 2 * (N * W * P + dense)) * s, 0, False),
-                transpose("k", Cq), *mix("dq (aggregate)", Cq), transpose("q", Cq), *mix("dk (scatter)", Cq)]
+    backward = [transpose("grad", C), unpack("attention"), *mix("dv (scatter)", C), transpose("v", C),
+                *energy("d attention", C), pack("d attention"), Kernel("softmax backward", 3 * slots * s, 0, False),
+                unpack("d energy"), transpose("k", Cq), *mix("dq (aggregate)", Cq), transpose("q", Cq),
+                *mix("dk (scatter)", Cq)]
     return ([dataclasses.replace(k, name=f"fwd {k.name}") for k in forward]
             + [dataclasses.replace(k, name=f"bwd {k.name}") for k in backward])
 

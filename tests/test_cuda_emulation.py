@@ -3,7 +3,8 @@
 ``ops/csrc/cuda/cc_kernels.cuh`` (with ``cc_gemm.h``) is compiled twice: by nvcc into the CUDA op,
 and by the host compiler with a shim for the CUDA built-ins into ``torch.ops.ccnet_ops_emu``
 (``ops.emulation``), which runs every thread of the same launch, kThreads per block on
-num_blocks blocks, one after another, and runs every GEMM plan (the arguments the CUDA build
+num_blocks blocks, one after another (the threads of a block as fibers, switched at every
+``__syncthreads``, for the kernels with tiles in shared memory), and runs every GEMM plan (the arguments the CUDA build
 passes to cublasGemmStridedBatchedEx: ops, sizes, leading dimensions, batch strides) with
 cuBLAS's column-major semantics. So these tests run the layout kernels, the GEMM planning and the
 host wrappers the GPU runs (cuBLAS itself excepted), and prove that:
@@ -12,8 +13,9 @@ host wrappers the GPU runs (cuBLAS itself excepted), and prove that:
   autograd of the reference) match ``ops.reference`` in float64, float32, float16 and bfloat16,
   the reduced precisions against float64 maths on the same rounded inputs;
 * over launch configurations that reach the edges: the grid capped at 1, 2 or 3 blocks so each
-  thread runs its grid-stride loop many times, item counts not a multiple of the block, H = 1
-  (no column slots), W = 1, 1 x 1, H != W, and non-contiguous inputs;
+  thread (each block, for the tiled kernels) runs its grid-stride loop many times, item counts
+  not a multiple of the block, tiles whole and cut by the map's edge, H = 1 (no column slots),
+  W = 1, 1 x 1, H != W, and non-contiguous inputs;
 * every output element is written (outputs are allocated NaN-filled), the result does not depend
   on the grid, and the reduced precisions accumulate in float32;
 * the wrappers reject bad arguments with an error that names the op, and a failed build of the
@@ -43,7 +45,9 @@ TOLERANCE = {
 }
 REAL_CAP = 1 << 20  # kMaxBlocks: the grid cap of the CUDA build
 THREADS = 256  # kThreads of cc_kernels.cuh (checked below)
-KERNELS = ["pack", "unpack", "combine", "softmax"]  # the layout kernels, and the fused op's softmax
+ITEM_KERNELS = ["combine", "softmax"]  # a thread per item, grid-stride over items
+TILE_KERNELS = ["pack", "unpack", "transpose"]  # a block per tile in shared memory, grid-stride over tiles
+TILE = 32  # kTile of cc_kernels.cuh: tiles of 32 x 32 elements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,7 @@ CASES = [
     Case("items a multiple of the block", 1, 4, 16, 16, 3),  # 3840 pack, 4096 unpack, 1024 combine
     Case("many items per thread", 2, 40, 24, 20, 3),  # 22080, 23040 and 46080 items on 768 threads
     Case("many pixels per thread", 1, 2, 8, 200, 1),  # 1600 pixels (softmax) on 256 threads
+    Case("whole and cut tiles", 1, 3, 32, 70, 2),  # H one whole tile; W two and a cut one; 2 blocks loop
 ]
 LAYOUTS = ["transposed", "channels_last", "sliced"]
 
@@ -286,29 +291,42 @@ def test_attention_does_not_depend_on_the_grid(emu):
 
 def test_cases_reach_the_launch_edges(emu):
     """What the module docstring claims the cases cover, from the wrappers' own grid maths."""
-    config = {(k, c.name): emu.cc_launch_config(k, *c.shape, c.max_blocks) for k in KERNELS for c in CASES}
+    kernels = ITEM_KERNELS + TILE_KERNELS
+    config = {(k, c.name): emu.cc_launch_config(k, *c.shape, c.max_blocks) for k in kernels for c in CASES}
     assert {threads for _, _, threads in config.values()} == {THREADS}
-    for kernel in KERNELS:
+    for kernel in ITEM_KERNELS:
         launches = [config[kernel, c.name] for c in CASES]
         # grid capped: blocks below what the items need, and each thread loops 5+ times
         assert any(blocks < math.ceil(items / THREADS) and items >= 5 * blocks * THREADS
                    for items, blocks, _ in launches)
         assert any(items % THREADS for items, _, _ in launches)
         assert any(items % THREADS == 0 and items > 0 for items, _, _ in launches)
-    for c in CASES:  # the real cap never binds on these sizes: one thread per item
+    for kernel in TILE_KERNELS:
+        launches = [config[kernel, c.name] for c in CASES]
+        # grid capped: fewer blocks than tiles, and each block loops over 5+ tiles
+        assert any(0 < blocks < tiles and tiles >= 5 * blocks for tiles, blocks, _ in launches)
+    for c in CASES:  # the real cap never binds on these sizes: one thread per item, one block per tile
         if c.max_blocks == REAL_CAP:
-            for kernel in KERNELS:
+            for kernel in ITEM_KERNELS:
                 items, blocks, _ = config[kernel, c.name]
                 assert blocks == math.ceil(items / THREADS)
+            for kernel in TILE_KERNELS:
+                tiles, blocks, _ = config[kernel, c.name]
+                assert blocks == tiles
     assert any(c.H == 1 for c in CASES) and any(c.W == 1 for c in CASES)
     assert any(c.H > c.W for c in CASES) and any(c.H < c.W for c in CASES)
-    # one item per element written: the column slots (H - 1 per pixel), the dense column
-    # matrices (H x H per image column) and the output (padded to whole 8 x 4 tiles of x, y)
-    assert emu.cc_launch_config("pack", 2, 3, 4, 6, 1)[0] == 2 * 3 * 4 * 6
-    assert emu.cc_launch_config("unpack", 2, 3, 4, 6, 1)[0] == 2 * 6 * 4 * 4
+    # tiles whole and cut by the map's edge, along both sides of a tile
+    assert any(c.H % TILE == 0 for c in CASES) and any(c.H % TILE for c in CASES)
+    assert any(c.W > TILE and c.W % TILE for c in CASES)  # whole tiles along x, and a cut one
+    # one item per element written: the output (padded to whole 8 x 4 tiles of x, y) and the pixels
     assert emu.cc_launch_config("combine", 2, 3, 4, 6, 1)[0] == 2 * 3 * 4 * 8  # x padded to the 8 x 4 tile
     assert emu.cc_launch_config("softmax", 2, 3, 4, 6, 1)[0] == 2 * 4 * 6  # one thread per pixel
-    assert emu.cc_launch_config("pack", 2, 3, 1, 6, 1)[0] == 0  # H = 1: no column slots, no launch
+    # one tile per 32 x 32 of (x, k) at each image row (pack, unpack), of (y, x) per channel (transpose)
+    assert emu.cc_launch_config("pack", 2, 3, 40, 70, 1)[0] == 2 * 40 * 2 * 3
+    assert emu.cc_launch_config("unpack", 2, 3, 40, 70, 1)[0] == 2 * 40 * 2 * 3
+    assert emu.cc_launch_config("transpose", 2, 3, 40, 70, 1)[0] == 2 * 3 * 2 * 3
+    assert emu.cc_launch_config("pack", 2, 3, 1, 6, 1)[:2] == [0, 0]  # H = 1: no column slots, no launch
+    assert emu.cc_launch_config("unpack", 2, 3, 1, 6, 1)[0] == 2 * 1 * 1 * 1  # H = 1: the zero diagonal
 
 
 # --- bad arguments ----------------------------------------------------------------------------

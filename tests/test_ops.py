@@ -737,10 +737,13 @@ def test_roofline_against_hand_counts():
     assert ks["fwd transpose q"].bytes == 2 * 6 * 4
     assert (ks["fwd energy rows GEMM"].bytes, ks["fwd energy rows GEMM"].flops) == ((6 + 6 + 18) * 4, 36)
     assert (ks["fwd energy columns GEMM"].bytes, ks["fwd energy columns GEMM"].flops) == ((6 + 6 + 12) * 4, 24)
-    assert ks["fwd softmax"].bytes == (18 + 12 + 18 + 6 + 12) * 4  # reads rows + dense; writes all slots + dense
+    assert ks["fwd pack energy"].bytes == ks["bwd pack d attention"].bytes == (12 + 6) * 4  # reads dense, writes the column slots (H - 1 per pixel)
+    assert ks["fwd softmax"].bytes == (24 + 24) * 4  # reads and writes every slot
+    assert ks["fwd unpack attention"].bytes == ks["bwd unpack d energy"].bytes == (6 + 12) * 4  # slots to dense
+    assert ks["bwd softmax backward"].bytes == (24 + 24 + 24) * 4  # reads the map and dA, writes dE
     assert (ks["fwd aggregate rows GEMM"].bytes, ks["fwd aggregate rows GEMM"].flops) == ((12 + 18 + 12) * 4, 72)
     assert ks["fwd aggregate combine"].bytes == (12 + 12 + 12) * 4
-    assert len(ks) == 9 + 17  # the launches of cc_attention and cc_attention_backward
+    assert len(ks) == 11 + 19  # the launches of cc_attention and cc_attention_backward
 
     paper = {k.name: k for k in roofline.kernels(1, 64, 512, 97, 97, "bfloat16")}
     assert paper["fwd transpose v"].bytes == 19_269_632  # 512 x 97 x 97 x 2 bytes, read and written

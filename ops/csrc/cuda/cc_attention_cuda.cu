@@ -18,6 +18,8 @@
     kernel<<<(blocks), (threads), 0, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__); \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                 \
   } while (0)
+// kernels with static shared memory and __syncthreads: the same launch on the GPU
+#define CC_LAUNCH_BLOCKS(kernel, blocks, threads, ...) CC_LAUNCH(kernel, blocks, threads, __VA_ARGS__)
 
 #include <climits>
 #include <type_traits>

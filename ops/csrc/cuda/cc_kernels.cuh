@@ -8,21 +8,30 @@
 //                                  (tests/test_cuda_emulation.py).
 // The including file defines, before including this header,
 //   CC_LAUNCH(kernel, blocks, threads, ...)   launches kernel<<<blocks, threads>>>(...);
+//   CC_LAUNCH_BLOCKS(kernel, blocks, threads, ...)   the same, for kernels with shared memory and
+//                                             __syncthreads (the emulation runs a block's threads
+//                                             as fibers);
 //   CC_DEVICE_GUARD(device)                   makes `device` current for the scope;
 //   run_gemm<In, Out>(plan, a, b, c)          runs a GemmPlan (cc_gemm.h) in namespace ccnet_ops.
 //
 // Per image n, with P = H * W, each contraction is a batch of small matrix products over views of
 // the NCHW maps (no copies): the rows of an image are a batch with a stride of W elements; the
-// columns are the rows of an H/W-transposed copy of the C-channel map (one transpose per call).
+// columns are the rows of an H/W-transposed copy of the C-channel map (one transpose per call, a
+// kernel of ours: transpose_kernel).
 //   energy     rows:    e[n, i, y, x]  = sum_c a[c, y, x] b[c, y, i]      batch y: (W x C)(C x W)
 //              columns: E[n, x, y, k]  = sum_c aT[c, x, y] bT[c, x, k]    batch x: (H x C)(C x H)
-//                       then pack_columns gathers E into the column slots (the self pixel skipped)
+//                       then pack_columns moves E into the column slots (the self pixel skipped)
 //   aggregate  rows:    S[c, y, x]     = sum_i f[c, y, i] w[i, y, x]      batch y: (C x W)(W x W)
 //              columns: ST[c, x, y]    = sum_k fT[c, x, k] A[x, y, k]     batch x: (C x H)(H x H)
 //   scatter    rows:    S[c, y, i]     = sum_x g[c, y, x] w[i, y, x]
 //              columns: ST[c, x, k]    = sum_y gT[c, x, y] A[x, y, k]
 //   where A = unpack_columns(w) is the column attention as dense (H x H) matrices per image
 //   column (zero on the diagonal), and combine writes out[c, y, x] = S[c, y, x] + ST[c, x, y].
+// The layout kernels that move data between the x-contiguous slot map and the k-contiguous dense
+// matrices (pack_columns, unpack_columns) and the transposes go through tiles in shared memory,
+// so that every global access of a warp is 32 consecutive elements, along x in the NCHW and slot
+// layouts; the softmax and its backward run on the slot map alone, one thread per pixel with x
+// fastest, so their accesses along x are coalesced too.
 // float32, float64, float16 and bfloat16. The GEMMs accumulate in float32 (float64 for float64),
 // split-K reductions included (run_gemm disallows reduced-precision reductions): the energies are
 // stored in the inputs' dtype by the GEMM; aggregate and scatter keep both partial sums in float32
@@ -34,8 +43,8 @@
 // 8N + 9 backward for a batch of N.
 #pragma once
 
-#if !defined(CC_LAUNCH) || !defined(CC_DEVICE_GUARD)
-#error "define CC_LAUNCH and CC_DEVICE_GUARD before including cc_kernels.cuh"
+#if !defined(CC_LAUNCH) || !defined(CC_LAUNCH_BLOCKS) || !defined(CC_DEVICE_GUARD)
+#error "define CC_LAUNCH, CC_LAUNCH_BLOCKS and CC_DEVICE_GUARD before including cc_kernels.cuh"
 #endif
 
 #include <ATen/Dispatch.h>
@@ -66,39 +75,119 @@ inline unsigned int num_blocks(int64_t items, int64_t max_blocks) {
   return static_cast<unsigned int>(std::min<int64_t>(blocks, max_blocks));
 }
 
-// Work items of the layout kernels: one per element they write.
-inline int64_t pack_items(int64_t N, int64_t H, int64_t W) { return N * (H - 1) * H * W; }
-inline int64_t unpack_items(int64_t N, int64_t H, int64_t W) { return N * W * H * H; }
-
 // Grid-stride loop over `items` work items, in index_t (32-bit where every offset fits).
 #define CC_FOR_EACH_ITEM(index_t, item, items)                                                 \
   for (index_t item = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < (items); \
        item += static_cast<index_t>(gridDim.x) * blockDim.x)
 
+// The tiled layout kernels: a block moves one kTile x kTile tile at a time through shared memory,
+// reading kTile consecutive elements of one layout per warp and writing kTile consecutive
+// elements of the other (kThreads / kTile rows of the tile at once). Grid-stride over tiles, the
+// same trip count for every thread of a block (its barriers are reached by all).
+constexpr int kTile = 32;
+constexpr int kTileRows = kThreads / kTile;
+static_assert(kThreads % kTile == 0, "a block covers whole rows of a tile");
+
+inline int64_t tiles_of(int64_t n) { return (n + kTile - 1) / kTile; }
+// Tiles of the layout kernels: the transposes (planes of H x W), and pack / unpack (per image and
+// row y, x against k).
+inline int64_t transpose_tiles(int64_t planes, int64_t H, int64_t W) { return planes * tiles_of(H) * tiles_of(W); }
+inline int64_t column_tiles(int64_t N, int64_t H, int64_t W) { return N * H * tiles_of(H) * tiles_of(W); }
+
+// One block per tile, at most max_blocks.
+inline unsigned int tile_blocks(int64_t tiles, int64_t max_blocks) {
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(tiles, 1), max_blocks));
+}
+
+#define CC_FOR_EACH_TILE(index_t, tile, tiles) \
+  for (index_t tile = static_cast<index_t>(blockIdx.x); tile < (tiles); tile += static_cast<index_t>(gridDim.x))
+
+// A tile of scalar_t in shared memory, rows padded by one element against bank conflicts; the
+// storage is declared as double (8-byte aligned, trivially constructible for every dtype).
+template <typename scalar_t>
+struct TileStorage {
+  static constexpr int kStride = kTile + 1;
+  static constexpr int kWords = (kTile * kStride * int(sizeof(scalar_t)) + 7) / 8;
+};
+
+// out[p, x, y] = in[p, y, x] for `planes` planes of H x W (the NCHW map with H and W swapped).
+template <typename scalar_t, typename index_t>
+__global__ void transpose_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, index_t planes,
+                                 index_t H, index_t W) {
+  using T = TileStorage<scalar_t>;
+  __shared__ double storage[T::kWords];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(storage);
+  const index_t lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
+  const index_t tiles_x = (W + kTile - 1) / kTile, tiles_y = (H + kTile - 1) / kTile;
+  CC_FOR_EACH_TILE(index_t, t, planes * tiles_y * tiles_x) {
+    const index_t x0 = t % tiles_x * kTile, y0 = t / tiles_x % tiles_y * kTile, p = t / (tiles_x * tiles_y);
+    for (index_t r = row; r < kTile; r += kTileRows) {  // along x
+      const index_t y = y0 + r, x = x0 + lane;
+      if (y < H && x < W) tile[r * T::kStride + lane] = in[(p * H + y) * W + x];
+    }
+    __syncthreads();
+    for (index_t r = row; r < kTile; r += kTileRows) {  // along y
+      const index_t x = x0 + r, y = y0 + lane;
+      if (y < H && x < W) out[(p * W + x) * H + y] = tile[lane * T::kStride + r];
+    }
+    __syncthreads();
+  }
+}
+
 // Column slots of the energy from the dense column energies E (N, W, H, H) [x, y, k]:
-//   e[n, W + j, y, x] = E[n, x, y, column_pixel(j, y)]; one thread per (n, j, y, x), x fastest.
+//   e[n, W + j, y, x] = E[n, x, y, column_pixel(j, y)]; per tile of (x, k) at one (n, y), read
+// along k, written along x.
 template <typename scalar_t, typename index_t>
 __global__ void pack_columns_kernel(const scalar_t* __restrict__ dense, scalar_t* __restrict__ e, index_t N,
                                     index_t H, index_t W) {
-  const index_t L = H + W - 1, items = N * (H - 1) * H * W;
-  CC_FOR_EACH_ITEM(index_t, item, items) {
-    const index_t x = item % W, y = (item / W) % H, j = (item / (W * H)) % (H - 1), n = item / (W * H * (H - 1));
-    const index_t k = static_cast<index_t>(column_pixel(j, y));
-    e[((n * L + W + j) * H + y) * W + x] = dense[((n * W + x) * H + y) * H + k];
+  using T = TileStorage<scalar_t>;
+  __shared__ double storage[T::kWords];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(storage);
+  const index_t L = H + W - 1, lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
+  const index_t tiles_x = (W + kTile - 1) / kTile, tiles_k = (H + kTile - 1) / kTile;
+  CC_FOR_EACH_TILE(index_t, t, N * H * tiles_k * tiles_x) {
+    const index_t x0 = t % tiles_x * kTile, k0 = t / tiles_x % tiles_k * kTile;
+    const index_t y = t / (tiles_x * tiles_k) % H, n = t / (tiles_x * tiles_k * H);
+    for (index_t r = row; r < kTile; r += kTileRows) {  // along k
+      const index_t x = x0 + r, k = k0 + lane;
+      if (x < W && k < H) tile[r * T::kStride + lane] = dense[((n * W + x) * H + y) * H + k];
+    }
+    __syncthreads();
+    for (index_t r = row; r < kTile; r += kTileRows) {  // along x
+      const index_t k = k0 + r, x = x0 + lane;
+      if (x < W && k < H && k != y)
+        e[((n * L + W + static_cast<index_t>(column_slot(k, y))) * H + y) * W + x] = tile[lane * T::kStride + r];
+    }
+    __syncthreads();
   }
 }
 
 // The column slots of an attention map as dense matrices A (N, W, H, H) [x, y, k]: the weight
 // of key row k for query row y in image column x, zero for k == y (the centre is a row slot).
-// One thread per (n, x, y, k), k fastest.
+// Per tile of (k, x) at one (n, y), read along x, written along k.
 template <typename scalar_t, typename index_t>
 __global__ void unpack_columns_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ dense, index_t N,
                                       index_t H, index_t W) {
-  const index_t L = H + W - 1, items = N * W * H * H;
-  CC_FOR_EACH_ITEM(index_t, item, items) {
-    const index_t k = item % H, y = (item / H) % H, x = (item / (H * H)) % W, n = item / (H * H * W);
-    dense[item] = k == y ? scalar_t(0)
-                         : w[((n * L + W + static_cast<index_t>(column_slot(k, y))) * H + y) * W + x];
+  using T = TileStorage<scalar_t>;
+  __shared__ double storage[T::kWords];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(storage);
+  const index_t L = H + W - 1, lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
+  const index_t tiles_x = (W + kTile - 1) / kTile, tiles_k = (H + kTile - 1) / kTile;
+  CC_FOR_EACH_TILE(index_t, t, N * H * tiles_k * tiles_x) {
+    const index_t x0 = t % tiles_x * kTile, k0 = t / tiles_x % tiles_k * kTile;
+    const index_t y = t / (tiles_x * tiles_k) % H, n = t / (tiles_x * tiles_k * H);
+    for (index_t r = row; r < kTile; r += kTileRows) {  // along x
+      const index_t k = k0 + r, x = x0 + lane;
+      if (x < W && k < H)
+        tile[r * T::kStride + lane] =
+            k == y ? scalar_t(0) : w[((n * L + W + static_cast<index_t>(column_slot(k, y))) * H + y) * W + x];
+    }
+    __syncthreads();
+    for (index_t r = row; r < kTile; r += kTileRows) {  // along k
+      const index_t x = x0 + r, k = k0 + lane;
+      if (x < W && k < H) dense[((n * W + x) * H + y) * H + k] = tile[lane * T::kStride + r];
+    }
+    __syncthreads();
   }
 }
 
@@ -154,8 +243,46 @@ void gemm(int64_t batch, int64_t M, int64_t N, int64_t K, const in_t* a, Strides
 }
 
 // Layout and kernel helpers of the primitives below. Tensors are contiguous; T-suffixed ones are
-// the H/W-transposed copies (N, C, W, H).
-inline at::Tensor transposed(const at::Tensor& t) { return t.transpose(2, 3).contiguous(); }
+// the H/W-transposed copies (N, C, W, H), made by transpose_kernel.
+at::Tensor transposed(const at::Tensor& t, int64_t max_blocks) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.dim() == 4);
+  const int64_t planes = t.size(0) * t.size(1), H = t.size(2), W = t.size(3);
+  at::Tensor out = at::empty({t.size(0), t.size(1), W, H}, t.options());
+  if (t.numel() == 0) return out;
+  CC_DISPATCH(t.scalar_type(), "cc_transpose_cuda", [&] {
+    with_index_type(t.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      auto kernel = transpose_kernel<scalar_t, index_t>;
+      CC_LAUNCH_BLOCKS(kernel, tile_blocks(transpose_tiles(planes, H, W), max_blocks), kThreads,
+                       t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), index_t(planes), index_t(H),
+                       index_t(W));
+    });
+  });
+  return out;
+}
+
+// Moves the dense column matrices (N, W, H, H) into the column slots of the slot map e, or back
+// (Unpack: dense from e, zero on the diagonal; for a single row, dense is that diagonal alone).
+template <bool Unpack>
+void move_columns(const at::Tensor& e, const at::Tensor& dense, int64_t max_blocks) {
+  const int64_t N = e.size(0), H = e.size(2), W = e.size(3), L = num_slots(H, W), P = H * W;
+  if (!Unpack && H == 1) return;  // a single row has no column slots to fill
+  CC_DISPATCH(e.scalar_type(), Unpack ? "cc_unpack_cuda" : "cc_pack_cuda", [&] {
+    with_index_type(N * L * P + N * P * H, [&](auto index) {
+      using index_t = decltype(index);
+      const unsigned int blocks = tile_blocks(column_tiles(N, H, W), max_blocks);
+      if constexpr (Unpack) {
+        auto kernel = unpack_columns_kernel<scalar_t, index_t>;
+        CC_LAUNCH_BLOCKS(kernel, blocks, kThreads, e.const_data_ptr<scalar_t>(), dense.mutable_data_ptr<scalar_t>(),
+                         index_t(N), index_t(H), index_t(W));
+      } else {
+        auto kernel = pack_columns_kernel<scalar_t, index_t>;
+        CC_LAUNCH_BLOCKS(kernel, blocks, kThreads, dense.const_data_ptr<scalar_t>(), e.mutable_data_ptr<scalar_t>(),
+                         index_t(N), index_t(H), index_t(W));
+      }
+    });
+  });
+}
 
 // The energies of a and b (N, C, H, W): the row slots into e (N, L, H, W), the columns as dense
 // (N, W, H, H) [x, y, k] matrices, both in the inputs' dtype.
@@ -223,16 +350,8 @@ at::Tensor mix_with(const at::Tensor& w, const at::Tensor& dense, const at::Tens
 
 // The column slots of w as dense (N, W, H, H) matrices.
 at::Tensor unpack(const at::Tensor& w, int64_t H, int64_t W, int64_t max_blocks) {
-  const int64_t N = w.size(0), L = num_slots(H, W), P = H * W;
-  at::Tensor dense = at::empty({N, W, H, H}, w.options());
-  CC_DISPATCH(w.scalar_type(), "cc_unpack_cuda", [&] {
-    with_index_type(N * L * P + N * P * H, [&](auto index) {
-      using index_t = decltype(index);
-      auto kernel = unpack_columns_kernel<scalar_t, index_t>;
-      CC_LAUNCH(kernel, num_blocks(unpack_items(N, H, W), max_blocks), kThreads, w.const_data_ptr<scalar_t>(),
-                dense.mutable_data_ptr<scalar_t>(), index_t(N), index_t(H), index_t(W));
-    });
-  });
+  at::Tensor dense = at::empty({w.size(0), W, H, H}, w.options());
+  move_columns<true>(w, dense, max_blocks);
   return dense;
 }
 
@@ -241,22 +360,13 @@ at::Tensor launch_energy(const at::Tensor& a_in, const at::Tensor& b_in, int64_t
   check_energy_args(a_in, b_in, "cc_energy");
   CC_DEVICE_GUARD(a_in.device());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const int64_t N = a.size(0), H = a.size(2), W = a.size(3), L = num_slots(H, W), P = H * W;
+  const int64_t N = a.size(0), H = a.size(2), W = a.size(3), L = num_slots(H, W);
   at::Tensor e = at::empty({N, L, H, W}, a.options());
   const bool columns = H > 1;
-  at::Tensor aT = columns ? transposed(a) : a, bT = columns ? transposed(b) : b;
+  at::Tensor aT = columns ? transposed(a, max_blocks) : a, bT = columns ? transposed(b, max_blocks) : b;
   at::Tensor dense = at::empty({N, W, H, columns ? H : 0}, a.options());
-  CC_DISPATCH(a.scalar_type(), "cc_energy_cuda", [&] {
-    energy_gemms<scalar_t>(a, b, aT, bT, e, dense);
-    if (columns) {
-      with_index_type(N * L * P + N * P * H, [&](auto index) {
-        using index_t = decltype(index);
-        auto kernel = pack_columns_kernel<scalar_t, index_t>;
-        CC_LAUNCH(kernel, num_blocks(pack_items(N, H, W), max_blocks), kThreads, dense.const_data_ptr<scalar_t>(),
-                  e.mutable_data_ptr<scalar_t>(), index_t(N), index_t(H), index_t(W));
-      });
-    }
-  });
+  CC_DISPATCH(a.scalar_type(), "cc_energy_cuda", [&] { energy_gemms<scalar_t>(a, b, aT, bT, e, dense); });
+  move_columns<false>(e, dense, max_blocks);
   return e;
 }
 
@@ -269,7 +379,7 @@ at::Tensor launch_mix(const at::Tensor& w_in, const at::Tensor& f_in, const char
   CC_DEVICE_GUARD(f_in.device());
   const at::Tensor w = w_in.contiguous(), f = f_in.contiguous();
   const int64_t H = f.size(2), W = f.size(3);
-  return mix_with<Scatter>(w, unpack(w, H, W, max_blocks), f, transposed(f), max_blocks);
+  return mix_with<Scatter>(w, unpack(w, H, W, max_blocks), f, transposed(f, max_blocks), max_blocks);
 }
 
 at::Tensor launch_aggregate(const at::Tensor& attn, const at::Tensor& value, int64_t max_blocks) {
@@ -287,66 +397,39 @@ __device__ __forceinline__ double cc_exp(double x) { return ::exp(x); }
 template <typename T>
 __device__ __forceinline__ T cc_max(T a, T b) { return a < b ? b : a; }
 
-// Softmax over the slots of every pixel, in acc_t, stored in scalar_t (the dtype contract of
-// ops/criss_cross.py). On entry the row slots of attn hold the row energies and dense the column
-// energies; on exit attn holds every slot's weight and dense the column weights, zero on the
-// diagonal (ready for mix_with). One thread per pixel (n, y, x), x fastest.
+// Softmax over the H + W - 1 slots of every pixel of the slot map, in acc_t, stored in scalar_t
+// (the dtype contract of ops/criss_cross.py): energies in, weights out. One thread per pixel
+// (n, y, x), x fastest, so a warp's accesses to each slot are 32 consecutive elements.
 template <typename scalar_t, typename index_t>
-__global__ void softmax_kernel(scalar_t* __restrict__ attn, scalar_t* __restrict__ dense, index_t N, index_t H,
-                               index_t W) {
+__global__ void softmax_kernel(scalar_t* __restrict__ attn, index_t N, index_t H, index_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t L = H + W - 1, P = H * W, items = N * P;
   CC_FOR_EACH_ITEM(index_t, item, items) {
-    const index_t x = item % W, y = item / W % H, n = item / P;
-    scalar_t* a = attn + n * L * P + y * W + x;  // slot s at a[s * P]
-    scalar_t* d = dense + ((n * W + x) * H + y) * H;  // key row k at d[k]
+    scalar_t* a = attn + item / P * L * P + item % P;  // slot s at a[s * P]
     acc_t top = static_cast<acc_t>(a[0]);
-    for (index_t i = 1; i < W; ++i) top = cc_max(top, static_cast<acc_t>(a[i * P]));
-    for (index_t k = 0; k < H; ++k)
-      if (k != y) top = cc_max(top, static_cast<acc_t>(d[k]));
+    for (index_t s = 1; s < L; ++s) top = cc_max(top, static_cast<acc_t>(a[s * P]));
     acc_t sum = 0;
-    for (index_t i = 0; i < W; ++i) sum += cc_exp(static_cast<acc_t>(a[i * P]) - top);
-    for (index_t k = 0; k < H; ++k)
-      if (k != y) sum += cc_exp(static_cast<acc_t>(d[k]) - top);
+    for (index_t s = 0; s < L; ++s) sum += cc_exp(static_cast<acc_t>(a[s * P]) - top);
     const acc_t inv = acc_t(1) / sum;
-    for (index_t i = 0; i < W; ++i) a[i * P] = static_cast<scalar_t>(cc_exp(static_cast<acc_t>(a[i * P]) - top) * inv);
-    for (index_t k = 0; k < H; ++k) {
-      if (k == y) {
-        d[k] = scalar_t(0);
-      } else {
-        const scalar_t weight = static_cast<scalar_t>(cc_exp(static_cast<acc_t>(d[k]) - top) * inv);
-        d[k] = weight;
-        a[(W + static_cast<index_t>(column_slot(k, y))) * P] = weight;
-      }
-    }
+    for (index_t s = 0; s < L; ++s) a[s * P] = static_cast<scalar_t>(cc_exp(static_cast<acc_t>(a[s * P]) - top) * inv);
   }
 }
 
-// The softmax's backward, dE = A (dA - sum_s A_s dA_s) per pixel in acc_t, from the weights A
-// (slot map attn) and dA: on entry the row slots of grad hold dA's rows and dense its columns
-// (N, W, H, H); on exit they hold dE's, the diagonal of dense zero (ready for mix_with).
+// The softmax's backward over the slot map, dE = A (dA - sum_s A_s dA_s) per pixel in acc_t, from
+// the weights A (attn) and dA (grad, overwritten with dE). One thread per pixel, x fastest.
 template <typename scalar_t, typename index_t>
-__global__ void softmax_backward_kernel(const scalar_t* __restrict__ attn, scalar_t* __restrict__ grad,
-                                        scalar_t* __restrict__ dense, index_t N, index_t H, index_t W) {
+__global__ void softmax_backward_kernel(const scalar_t* __restrict__ attn, scalar_t* __restrict__ grad, index_t N,
+                                        index_t H, index_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t L = H + W - 1, P = H * W, items = N * P;
   CC_FOR_EACH_ITEM(index_t, item, items) {
-    const index_t x = item % W, y = item / W % H, n = item / P;
-    const scalar_t* a = attn + n * L * P + y * W + x;
-    scalar_t* g = grad + n * L * P + y * W + x;
-    scalar_t* d = dense + ((n * W + x) * H + y) * H;
+    const index_t at = item / P * L * P + item % P;
+    const scalar_t* a = attn + at;
+    scalar_t* g = grad + at;
     acc_t dot = 0;
-    for (index_t i = 0; i < W; ++i) dot += static_cast<acc_t>(a[i * P]) * static_cast<acc_t>(g[i * P]);
-    for (index_t k = 0; k < H; ++k)
-      if (k != y) dot += static_cast<acc_t>(a[(W + static_cast<index_t>(column_slot(k, y))) * P]) *
-                         static_cast<acc_t>(d[k]);
-    for (index_t i = 0; i < W; ++i)
-      g[i * P] = static_cast<scalar_t>(static_cast<acc_t>(a[i * P]) * (static_cast<acc_t>(g[i * P]) - dot));
-    for (index_t k = 0; k < H; ++k) {
-      d[k] = k == y ? scalar_t(0)
-                    : static_cast<scalar_t>(static_cast<acc_t>(a[(W + static_cast<index_t>(column_slot(k, y))) * P]) *
-                                            (static_cast<acc_t>(d[k]) - dot));
-    }
+    for (index_t s = 0; s < L; ++s) dot += static_cast<acc_t>(a[s * P]) * static_cast<acc_t>(g[s * P]);
+    for (index_t s = 0; s < L; ++s)
+      g[s * P] = static_cast<scalar_t>(static_cast<acc_t>(a[s * P]) * (static_cast<acc_t>(g[s * P]) - dot));
   }
 }
 
@@ -369,15 +452,17 @@ std::tuple<at::Tensor, at::Tensor> launch_attention(const at::Tensor& q_in, cons
   at::Tensor attn = at::empty({N, L, H, W}, q.options());
   at::Tensor dense = at::empty({N, W, H, H}, q.options());
   CC_DISPATCH(q.scalar_type(), "cc_attention_cuda", [&] {
-    energy_gemms<scalar_t>(q, k, transposed(q), transposed(k), attn, dense);
-    with_index_type(N * L * H * W + N * W * H * H, [&](auto index) {
+    energy_gemms<scalar_t>(q, k, transposed(q, max_blocks), transposed(k, max_blocks), attn, dense);
+    move_columns<false>(attn, dense, max_blocks);  // the column energies into their slots
+    with_index_type(N * L * H * W, [&](auto index) {
       using index_t = decltype(index);
       auto kernel = softmax_kernel<scalar_t, index_t>;
-      CC_LAUNCH(kernel, num_blocks(N * H * W, max_blocks), kThreads, attn.mutable_data_ptr<scalar_t>(),
-                dense.mutable_data_ptr<scalar_t>(), index_t(N), index_t(H), index_t(W));
+      CC_LAUNCH(kernel, num_blocks(N * H * W, max_blocks), kThreads, attn.mutable_data_ptr<scalar_t>(), index_t(N),
+                index_t(H), index_t(W));
     });
+    move_columns<true>(attn, dense, max_blocks);  // the column weights as dense matrices
   });
-  return {mix_with<false>(attn, dense, v, transposed(v), max_blocks), attn};
+  return {mix_with<false>(attn, dense, v, transposed(v, max_blocks), max_blocks), attn};
 }
 
 // (dq, dk, dv) from the output's gradient, the inputs and the attention map of launch_attention.
@@ -393,22 +478,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_attention_backward(
   const at::Tensor g = g_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor attn = attn_in.contiguous();
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), L = num_slots(H, W);
-  const at::Tensor gT = transposed(g);
+  const at::Tensor gT = transposed(g, max_blocks);
   at::Tensor dv = mix_with<true>(attn, unpack(attn, H, W, max_blocks), g, gT, max_blocks);
   at::Tensor grad = at::empty({N, L, H, W}, q.options());
   at::Tensor dense = at::empty({N, W, H, H}, q.options());
   CC_DISPATCH(q.scalar_type(), "cc_attention_backward_cuda", [&] {
-    energy_gemms<scalar_t>(g, v, gT, transposed(v), grad, dense);
-    with_index_type(N * L * H * W + N * W * H * H, [&](auto index) {
+    energy_gemms<scalar_t>(g, v, gT, transposed(v, max_blocks), grad, dense);
+    move_columns<false>(grad, dense, max_blocks);  // dA's columns into their slots
+    with_index_type(N * L * H * W, [&](auto index) {
       using index_t = decltype(index);
       auto kernel = softmax_backward_kernel<scalar_t, index_t>;
       CC_LAUNCH(kernel, num_blocks(N * H * W, max_blocks), kThreads, attn.const_data_ptr<scalar_t>(),
-                grad.mutable_data_ptr<scalar_t>(), dense.mutable_data_ptr<scalar_t>(), index_t(N), index_t(H),
-                index_t(W));
+                grad.mutable_data_ptr<scalar_t>(), index_t(N), index_t(H), index_t(W));
     });
+    move_columns<true>(grad, dense, max_blocks);  // dE's columns as dense matrices
   });
-  at::Tensor dq = mix_with<false>(grad, dense, k, transposed(k), max_blocks);
-  at::Tensor dk = mix_with<true>(grad, dense, q, transposed(q), max_blocks);
+  at::Tensor dq = mix_with<false>(grad, dense, k, transposed(k, max_blocks), max_blocks);
+  at::Tensor dk = mix_with<true>(grad, dense, q, transposed(q, max_blocks), max_blocks);
   return {dq, dk, dv};
 }
 

@@ -1,22 +1,34 @@
 // Just enough of CUDA for the kernels of cc_kernels.cuh to compile and run as host C++:
-// the qualifiers, the built-in thread coordinates and a sequential launch. Used by
-// emulation/cc_emulation.cpp to test those kernels on a machine without a GPU.
+// the qualifiers, the built-in thread coordinates, shared memory, __syncthreads and two launches.
+// Used by emulation/cc_emulation.cpp to test those kernels on a machine without a GPU.
 //
-// The kernels are grid-stride loops with no shared memory, no __syncthreads and no atomics,
-// and every output has one owner thread, so running the threads one after another computes
-// what the GPU computes. A kernel that came to rely on any of these would need more here.
+// launch runs every thread of the grid one after another: for grid-stride kernels without shared
+// memory or barriers, where every output has one owner thread, that computes what the GPU
+// computes. launch_blocks runs the threads of a block as fibers (ucontext) on one host thread:
+// each runs until it reaches __syncthreads or its end, and a barrier opens once every thread of
+// the block waits at it, as on the GPU. A kernel that reaches a barrier in some threads and ends
+// in others (a divergent barrier, undefined on the GPU) is an error here. __shared__ variables
+// are static, one instance per kernel for the block being run (thread_local: concurrent host
+// calls stay apart). There are no atomics and no warp-level primitives.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #error "cuda_emulation.h is for host compilers only; nvcc has the real CUDA"
 #endif
 
+#include <c10/util/Exception.h>
+#include <ucontext.h>
+
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+#define __shared__ static thread_local
 // __restrict__ is a g++/clang keyword already; `#pragma unroll` is ignored (-Wno-unknown-pragmas).
 
 // blockIdx, threadIdx (uint3) and blockDim, gridDim (dim3) of CUDA: unsigned x, y, z.
@@ -44,5 +56,85 @@ void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads
   }
 }
 
+// The threads of the block being run by launch_blocks, as fibers.
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  bool waiting = false;  // at __syncthreads
+  bool done = false;     // returned from the kernel
+};
+
+struct Block {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  const std::function<void()>* body = nullptr;
+};
+
+inline thread_local Block* running_block = nullptr;
+
+constexpr size_t kFiberStack = 64 * 1024;
+
+inline void fiber_main() {
+  Block* block = running_block;
+  (*block->body)();
+  block->current->done = true;  // uc_link returns to the scheduler
+}
+
+// kernel<<<blocks, threads>>>(args...) for kernels that use shared memory and __syncthreads: the
+// threads of each block run as fibers, switched at every barrier; blocks one after another.
+template <typename... Params, typename... Args>
+void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args... args) {
+  gridDim = {blocks, 1, 1};
+  blockDim = {threads, 1, 1};
+  const std::function<void()> body = [&] { kernel(args...); };
+  Block block;
+  block.body = &body;
+  block.fibers.resize(threads);
+  for (Fiber& f : block.fibers) f.stack.reset(new char[kFiberStack]);
+  running_block = &block;
+  for (unsigned int b = 0; b < blocks; ++b) {
+    blockIdx = {b, 0, 0};
+    for (Fiber& f : block.fibers) {
+      TORCH_INTERNAL_ASSERT(getcontext(&f.context) == 0, "emulation: getcontext failed");
+      f.context.uc_stack.ss_sp = f.stack.get();
+      f.context.uc_stack.ss_size = kFiberStack;
+      f.context.uc_link = &block.scheduler;
+      makecontext(&f.context, fiber_main, 0);
+      f.waiting = f.done = false;
+    }
+    for (;;) {  // one round: every live thread runs to its next barrier or its end
+      unsigned int waiting = 0, done = 0;
+      for (unsigned int t = 0; t < threads; ++t) {
+        Fiber& f = block.fibers[t];
+        if (!f.done) {
+          f.waiting = false;
+          block.current = &f;
+          threadIdx = {t, 0, 0};
+          TORCH_INTERNAL_ASSERT(swapcontext(&block.scheduler, &f.context) == 0, "emulation: swapcontext failed");
+        }
+        waiting += f.waiting;
+        done += f.done;
+      }
+      if (done == threads) break;
+      if (waiting != threads) {
+        running_block = nullptr;
+        TORCH_CHECK(false, "emulation: a divergent __syncthreads in block ", b, ": ", waiting, " of ", threads,
+                    " threads wait at it, ", done, " have returned");
+      }
+    }
+  }
+  running_block = nullptr;
+}
+
 }  // namespace emulation
 }  // namespace ccnet_ops
+
+// The barrier of a block run by launch_blocks: back to the scheduler until every thread waits.
+inline void __syncthreads() {
+  using ccnet_ops::emulation::running_block;
+  TORCH_CHECK(running_block != nullptr, "emulation: __syncthreads in a kernel run by launch, not launch_blocks");
+  running_block->current->waiting = true;
+  TORCH_INTERNAL_ASSERT(swapcontext(&running_block->current->context, &running_block->scheduler) == 0,
+                        "emulation: swapcontext failed");
+}

@@ -1,5 +1,6 @@
 // The CUDA path of ../cc_kernels.cuh compiled as host C++: its kernels run one thread at a time
-// over their real launch configuration (kThreads per block, num_blocks), and its GEMM plans run
+// over their real launch configuration (kThreads per block, num_blocks or tile_blocks; the
+// threads of a block as fibers where the kernel has barriers), and its GEMM plans run
 // with cuBLAS's semantics (column-major operands, op(X), leading dimensions and batch strides,
 // accumulating in float32 / float64), registered as CPU ops of torch.ops.ccnet_ops_emu with the
 // grid cap as an argument. Built by ops/emulation.py for the tests; never part of the real op
@@ -10,8 +11,9 @@
 //   cc_scatter(attention, feature, max_blocks)   like ccnet_ops::cc_scatter
 //   cc_attention(query, key, value, max_blocks)  like ccnet_ops::cc_attention (CUDA only there)
 //   cc_attention_backward(grad, query, key, value, attention, max_blocks)
-//   cc_launch_config(kernel, N, C, H, W, max_blocks) [items, blocks, threads] of a layout kernel
-//                                                ("pack", "unpack" or "combine")
+//   cc_launch_config(kernel, N, C, H, W, max_blocks) [tiles or items, blocks, threads] of a layout
+//                                                kernel ("pack", "unpack", "transpose", "combine"
+//                                                or "softmax")
 // A small max_blocks makes every thread run its grid-stride loop many times.
 #include <torch/library.h>
 
@@ -27,6 +29,8 @@
 #define CC_DEVICE_GUARD(device) (void)(device)  // one host "device"
 #define CC_LAUNCH(kernel, blocks, threads, ...) \
   ::ccnet_ops::emulation::launch(kernel, (blocks), (threads), __VA_ARGS__)
+#define CC_LAUNCH_BLOCKS(kernel, blocks, threads, ...) \
+  ::ccnet_ops::emulation::launch_blocks(kernel, (blocks), (threads), __VA_ARGS__)
 
 namespace ccnet_ops {
 
@@ -95,18 +99,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::
   return launch_attention_backward(grad, query, key, value, attn, max_blocks);
 }
 
-// What a layout kernel launches for a feature map (N, C, H, W): pack_columns (cc_energy),
-// unpack_columns and combine (cc_aggregate, cc_scatter, cc_attention), softmax (cc_attention
-// and its backward).
+// What a layout kernel launches for a feature map (N, C, H, W): [work, blocks, threads]. The
+// tiled kernels take a block per kTile x kTile tile (work = tiles): pack_columns (cc_energy,
+// cc_attention and its backward; none for a single row), unpack_columns (cc_aggregate,
+// cc_scatter, cc_attention and its backward) and transpose (of a C-channel map); the others a
+// thread per item (work = items): combine (one per output element, in whole tiles of x, y) and
+// softmax (one per pixel, cc_attention and its backward).
 std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t C, int64_t H, int64_t W,
                                    int64_t max_blocks) {
   check_max_blocks(max_blocks, "cc_launch_config");
-  TORCH_CHECK_VALUE(kernel == "pack" || kernel == "unpack" || kernel == "combine" || kernel == "softmax",
-                    "cc_launch_config: unknown kernel '", kernel, "'");
-  const int64_t items = kernel == "pack"     ? pack_items(N, H, W)
-                        : kernel == "unpack" ? unpack_items(N, H, W)
-                        : kernel == "softmax" ? N * H * W  // softmax_kernel and its backward: one per pixel
-                                              : combine_items(N, C, H, W);
+  if (kernel == "pack" || kernel == "unpack" || kernel == "transpose") {
+    const int64_t tiles = kernel == "transpose" ? transpose_tiles(N * C, H, W)
+                          : kernel == "pack" && H == 1 ? 0
+                                                        : column_tiles(N, H, W);
+    return {tiles, tiles ? tile_blocks(tiles, max_blocks) : 0, kThreads};
+  }
+  TORCH_CHECK_VALUE(kernel == "combine" || kernel == "softmax", "cc_launch_config: unknown kernel '", kernel, "'");
+  const int64_t items = kernel == "softmax" ? N * H * W : combine_items(N, C, H, W);
   return {items, num_blocks(items, max_blocks), kThreads};
 }
 
