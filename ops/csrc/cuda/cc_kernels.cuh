@@ -20,15 +20,15 @@
 // kernel of ours: transpose_kernel).
 //   energy     rows:    e[n, i, y, x]  = sum_c a[c, y, x] b[c, y, i]      batch y: (W x C)(C x W)
 //              columns: E[n, x, y, k]  = sum_c aT[c, x, y] bT[c, x, k]    batch x: (H x C)(C x H)
-//                       then pack_columns moves E into the column slots (the self pixel skipped)
+//                       then move_columns (pack) moves E into the column slots (the self pixel skipped)
 //   aggregate  rows:    S[c, y, x]     = sum_i f[c, y, i] w[i, y, x]      batch y: (C x W)(W x W)
 //              columns: ST[c, x, y]    = sum_k fT[c, x, k] A[x, y, k]     batch x: (C x H)(H x H)
 //   scatter    rows:    S[c, y, i]     = sum_x g[c, y, x] w[i, y, x]
 //              columns: ST[c, x, k]    = sum_y gT[c, x, y] A[x, y, k]
-//   where A = unpack_columns(w) is the column attention as dense (H x H) matrices per image
+//   where A = move_columns (unpack) of w is the column attention as dense (H x H) matrices per image
 //   column (zero on the diagonal), and combine writes out[c, y, x] = S[c, y, x] + ST[c, x, y].
 // The layout kernels that move data between the x-contiguous slot map and the k-contiguous dense
-// matrices (pack_columns, unpack_columns) and the transposes go through tiles in shared memory,
+// matrices (move_columns_kernel: pack and unpack) and the transposes go through tiles in shared memory,
 // so that every global access of a warp is 32 consecutive elements, along x in the NCHW and slot
 // layouts; the softmax and its backward run on the slot map alone, one thread per pixel with x
 // fastest, so their accesses along x are coalesced too.
@@ -134,11 +134,14 @@ __global__ void transpose_kernel(const scalar_t* __restrict__ in, scalar_t* __re
   }
 }
 
-// Column slots of the energy from the dense column energies E (N, W, H, H) [x, y, k]:
-//   e[n, W + j, y, x] = E[n, x, y, column_pixel(j, y)]; per tile of (x, k) at one (n, y), read
-// along k, written along x.
-template <typename scalar_t, typename index_t>
-__global__ void pack_columns_kernel(const scalar_t* __restrict__ dense, scalar_t* __restrict__ e, index_t N,
+// The column slots between the slot map e (N, L, H, W), x contiguous, and dense matrices
+// (N, W, H, H) [x, y, k], k contiguous, per tile of (x, k) at one image n and row y:
+//   pack (Unpack = false):  e[n, W + column_slot(k, y), y, x] = dense[n, x, y, k]   (k != y)
+//   unpack (Unpack = true): dense[n, x, y, k] = e[n, W + column_slot(k, y), y, x], zero for k == y
+// (the weight of key row k for query row y in image column x; the centre is a row slot). The
+// source is read along its contiguous side and the destination written along its own.
+template <bool Unpack, typename scalar_t, typename index_t>
+__global__ void move_columns_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, index_t N,
                                     index_t H, index_t W) {
   using T = TileStorage<scalar_t>;
   __shared__ double storage[T::kWords];
@@ -148,44 +151,31 @@ __global__ void pack_columns_kernel(const scalar_t* __restrict__ dense, scalar_t
   CC_FOR_EACH_TILE(index_t, t, N * H * tiles_k * tiles_x) {
     const index_t x0 = t % tiles_x * kTile, k0 = t / tiles_x % tiles_k * kTile;
     const index_t y = t / (tiles_x * tiles_k) % H, n = t / (tiles_x * tiles_k * H);
-    for (index_t r = row; r < kTile; r += kTileRows) {  // along k
-      const index_t x = x0 + r, k = k0 + lane;
-      if (x < W && k < H) tile[r * T::kStride + lane] = dense[((n * W + x) * H + y) * H + k];
+    const auto dense_at = [&](index_t x, index_t k) { return ((n * W + x) * H + y) * H + k; };
+    const auto slot_at = [&](index_t x, index_t k) {
+      return ((n * L + W + static_cast<index_t>(column_slot(k, y))) * H + y) * W + x;
+    };
+    // tile row r, lane l: (x, k) = (x0 + r, k0 + l) along k, or (x0 + l, k0 + r) along x
+    for (index_t r = row; r < kTile; r += kTileRows) {  // read: dense along k, or the slots along x
+      const index_t x = x0 + (Unpack ? lane : r), k = k0 + (Unpack ? r : lane);
+      if (x < W && k < H) {
+        if constexpr (Unpack) {
+          tile[r * T::kStride + lane] = k == y ? scalar_t(0) : src[slot_at(x, k)];
+        } else {
+          tile[r * T::kStride + lane] = src[dense_at(x, k)];
+        }
+      }
     }
     __syncthreads();
-    for (index_t r = row; r < kTile; r += kTileRows) {  // along x
-      const index_t k = k0 + r, x = x0 + lane;
-      if (x < W && k < H && k != y)
-        e[((n * L + W + static_cast<index_t>(column_slot(k, y))) * H + y) * W + x] = tile[lane * T::kStride + r];
-    }
-    __syncthreads();
-  }
-}
-
-// The column slots of an attention map as dense matrices A (N, W, H, H) [x, y, k]: the weight
-// of key row k for query row y in image column x, zero for k == y (the centre is a row slot).
-// Per tile of (k, x) at one (n, y), read along x, written along k.
-template <typename scalar_t, typename index_t>
-__global__ void unpack_columns_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ dense, index_t N,
-                                      index_t H, index_t W) {
-  using T = TileStorage<scalar_t>;
-  __shared__ double storage[T::kWords];
-  scalar_t* tile = reinterpret_cast<scalar_t*>(storage);
-  const index_t L = H + W - 1, lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
-  const index_t tiles_x = (W + kTile - 1) / kTile, tiles_k = (H + kTile - 1) / kTile;
-  CC_FOR_EACH_TILE(index_t, t, N * H * tiles_k * tiles_x) {
-    const index_t x0 = t % tiles_x * kTile, k0 = t / tiles_x % tiles_k * kTile;
-    const index_t y = t / (tiles_x * tiles_k) % H, n = t / (tiles_x * tiles_k * H);
-    for (index_t r = row; r < kTile; r += kTileRows) {  // along x
-      const index_t k = k0 + r, x = x0 + lane;
-      if (x < W && k < H)
-        tile[r * T::kStride + lane] =
-            k == y ? scalar_t(0) : w[((n * L + W + static_cast<index_t>(column_slot(k, y))) * H + y) * W + x];
-    }
-    __syncthreads();
-    for (index_t r = row; r < kTile; r += kTileRows) {  // along k
-      const index_t x = x0 + r, k = k0 + lane;
-      if (x < W && k < H) dense[((n * W + x) * H + y) * H + k] = tile[lane * T::kStride + r];
+    for (index_t r = row; r < kTile; r += kTileRows) {  // write: the slots along x, or dense along k
+      const index_t x = x0 + (Unpack ? r : lane), k = k0 + (Unpack ? lane : r);
+      if (x < W && k < H) {
+        if constexpr (Unpack) {
+          dst[dense_at(x, k)] = tile[lane * T::kStride + r];
+        } else if (k != y) {
+          dst[slot_at(x, k)] = tile[lane * T::kStride + r];
+        }
+      }
     }
     __syncthreads();
   }
@@ -271,15 +261,11 @@ void move_columns(const at::Tensor& e, const at::Tensor& dense, int64_t max_bloc
     with_index_type(N * L * P + N * P * H, [&](auto index) {
       using index_t = decltype(index);
       const unsigned int blocks = tile_blocks(column_tiles(N, H, W), max_blocks);
-      if constexpr (Unpack) {
-        auto kernel = unpack_columns_kernel<scalar_t, index_t>;
-        CC_LAUNCH_BLOCKS(kernel, blocks, kThreads, e.const_data_ptr<scalar_t>(), dense.mutable_data_ptr<scalar_t>(),
-                         index_t(N), index_t(H), index_t(W));
-      } else {
-        auto kernel = pack_columns_kernel<scalar_t, index_t>;
-        CC_LAUNCH_BLOCKS(kernel, blocks, kThreads, dense.const_data_ptr<scalar_t>(), e.mutable_data_ptr<scalar_t>(),
-                         index_t(N), index_t(H), index_t(W));
-      }
+      auto kernel = move_columns_kernel<Unpack, scalar_t, index_t>;
+      const at::Tensor& src = Unpack ? e : dense;
+      const at::Tensor& dst = Unpack ? dense : e;
+      CC_LAUNCH_BLOCKS(kernel, blocks, kThreads, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(),
+                       index_t(N), index_t(H), index_t(W));
     });
   });
 }

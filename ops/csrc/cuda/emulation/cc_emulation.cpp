@@ -100,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::
 }
 
 // What a layout kernel launches for a feature map (N, C, H, W): [work, blocks, threads]. The
-// tiled kernels take a block per kTile x kTile tile (work = tiles): pack_columns (cc_energy,
-// cc_attention and its backward; none for a single row), unpack_columns (cc_aggregate,
+// tiled kernels take a block per kTile x kTile tile (work = tiles): "pack" (cc_energy,
+// cc_attention and its backward; none for a single row), "unpack" (cc_aggregate,
 // cc_scatter, cc_attention and its backward) and transpose (of a C-channel map); the others a
 // thread per item (work = items): combine (one per output element, in whole tiles of x, y) and
 // softmax (one per pixel, cc_attention and its backward).
