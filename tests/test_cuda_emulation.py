@@ -329,6 +329,25 @@ def test_cases_reach_the_launch_edges(emu):
     assert emu.cc_launch_config("unpack", 2, 3, 1, 6, 1)[0] == 2 * 1 * 1 * 1  # H = 1: the zero diagonal
 
 
+# --- the emulation's barriers ---------------------------------------------------------------------
+
+def test_emulated_barrier_orders_the_threads_of_a_block(emu):
+    """Each block of 256 threads writes its slice into shared memory, waits at __syncthreads and reads
+    it back reversed: right only if every thread's write comes before any thread's read."""
+    x = torch.arange(3 * THREADS, dtype=torch.float32)
+    torch.testing.assert_close(emu.cc_reverse_blocks(x, "blocks"), x.view(3, THREADS).flip(1).reshape(-1),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("mode", "words"), [("diverge", "divergent __syncthreads in block 0: 128 of 256"),
+                                             ("sequential", "run by launch, not launch_blocks")])
+def test_emulated_barrier_misuse_is_an_error(emu, mode, words):
+    """A barrier that half the block skips (undefined on a GPU), or one in a kernel launched without
+    fibers, raises instead of computing something."""
+    with pytest.raises(RuntimeError, match=words):
+        emu.cc_reverse_blocks(torch.zeros(2 * THREADS), mode)
+
+
 # --- bad arguments ----------------------------------------------------------------------------
 
 def _bad_calls():

@@ -11,6 +11,7 @@
 //   cc_scatter(attention, feature, max_blocks)   like ccnet_ops::cc_scatter
 //   cc_attention(query, key, value, max_blocks)  like ccnet_ops::cc_attention (CUDA only there)
 //   cc_attention_backward(grad, query, key, value, attention, max_blocks)
+//   cc_reverse_blocks(x, mode)                   a probe of the emulated barriers (below)
 //   cc_launch_config(kernel, N, C, H, W, max_blocks) [tiles or items, blocks, threads] of a layout
 //                                                kernel ("pack", "unpack", "transpose", "combine"
 //                                                or "softmax")
@@ -99,6 +100,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::
   return launch_attention_backward(grad, query, key, value, attn, max_blocks);
 }
 
+// A probe of the emulation itself: each block of kThreads reverses its slice of x through shared
+// memory, every thread writing its element before the barrier and reading its mirror's after it.
+// mode "blocks": launched as the tiled kernels are; "diverge": the odd threads skip the barrier
+// (undefined on a GPU, an error here); "sequential": launched as the kernels without barriers
+// are (an error: __syncthreads needs launch_blocks).
+__global__ void reverse_kernel(const float* x, float* out, bool diverge) {
+  __shared__ float slice[kThreads];
+  const int64_t base = int64_t(blockIdx.x) * blockDim.x;
+  slice[threadIdx.x] = x[base + threadIdx.x];
+  if (!diverge || threadIdx.x % 2 == 0) __syncthreads();
+  out[base + threadIdx.x] = slice[blockDim.x - 1 - threadIdx.x];
+}
+
+at::Tensor reverse_blocks(const at::Tensor& x_in, const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "blocks" || mode == "diverge" || mode == "sequential",
+                    "cc_reverse_blocks: unknown mode '", mode, "'");
+  const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  TORCH_CHECK_VALUE(x.numel() > 0 && x.numel() % kThreads == 0, "cc_reverse_blocks: x needs whole blocks of ",
+                    kThreads, " elements");
+  at::Tensor out = at::empty_like(x);
+  const auto blocks = static_cast<unsigned int>(x.numel() / kThreads);
+  if (mode == "sequential") {
+    CC_LAUNCH(reverse_kernel, blocks, kThreads, x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), false);
+  } else {
+    CC_LAUNCH_BLOCKS(reverse_kernel, blocks, kThreads, x.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                     mode == "diverge");
+  }
+  return out;
+}
+
 // What a layout kernel launches for a feature map (N, C, H, W): [work, blocks, threads]. The
 // tiled kernels take a block per kTile x kTile tile (work = tiles): "pack" (cc_energy,
 // cc_attention and its backward; none for a single row), "unpack" (cc_aggregate,
@@ -130,6 +161,7 @@ TORCH_LIBRARY(ccnet_ops_emu, m) {
         "int max_blocks) -> (Tensor, Tensor, Tensor)");
   m.def("cc_launch_config(str kernel, int N, int C, int H, int W, int max_blocks) -> int[]",
         &launch_config);
+  m.def("cc_reverse_blocks(Tensor x, str mode) -> Tensor", &reverse_blocks);
 }
 
 TORCH_LIBRARY_IMPL(ccnet_ops_emu, CPU, m) {
