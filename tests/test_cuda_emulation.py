@@ -73,10 +73,11 @@ CASES = [
     Case("H = 1", 2, 5, 1, 9, REAL_CAP),
     Case("W = 1", 2, 3, 9, 1, 1),
     Case("1 x 1 map", 1, 1, 1, 1, 1),
-    Case("items a multiple of the block", 1, 4, 16, 16, 3),  # 3840 pack, 4096 unpack, 1024 combine
-    Case("many items per thread", 2, 40, 24, 20, 3),  # 22080, 23040 and 46080 items on 768 threads
+    Case("items a multiple of the block", 1, 4, 16, 16, 3),  # 1024 combine items, 256 softmax pixels
+    Case("many items per thread", 2, 40, 24, 20, 3),  # 46080 combine items on 768 threads; 96 tiles
     Case("many pixels per thread", 1, 2, 8, 200, 1),  # 1600 pixels (softmax) on 256 threads
     Case("whole and cut tiles", 1, 3, 32, 70, 2),  # H one whole tile; W two and a cut one; 2 blocks loop
+    Case("two tiles each way", 1, 2, 40, 35, 2),  # k and y cross a tile: the diagonal in either tile
 ]
 LAYOUTS = ["transposed", "channels_last", "sliced"]
 
@@ -318,6 +319,7 @@ def test_cases_reach_the_launch_edges(emu):
     # tiles whole and cut by the map's edge, along both sides of a tile
     assert any(c.H % TILE == 0 for c in CASES) and any(c.H % TILE for c in CASES)
     assert any(c.W > TILE and c.W % TILE for c in CASES)  # whole tiles along x, and a cut one
+    assert any(c.H > TILE and c.H % TILE and c.W > TILE for c in CASES)  # two tiles along k, y and x
     # one item per element written: the output (padded to whole 8 x 4 tiles of x, y) and the pixels
     assert emu.cc_launch_config("combine", 2, 3, 4, 6, 1)[0] == 2 * 3 * 4 * 8  # x padded to the 8 x 4 tile
     assert emu.cc_launch_config("softmax", 2, 3, 4, 6, 1)[0] == 2 * 4 * 6  # one thread per pixel

@@ -28,10 +28,12 @@
 //   where A = move_columns (unpack) of w is the column attention as dense (H x H) matrices per image
 //   column (zero on the diagonal), and combine writes out[c, y, x] = S[c, y, x] + ST[c, x, y].
 // The layout kernels that move data between the x-contiguous slot map and the k-contiguous dense
-// matrices (move_columns_kernel: pack and unpack) and the transposes go through tiles in shared memory,
-// so that every global access of a warp is 32 consecutive elements, along x in the NCHW and slot
-// layouts; the softmax and its backward run on the slot map alone, one thread per pixel with x
-// fastest, so their accesses along x are coalesced too.
+// matrices (move_columns_kernel: pack and unpack) and the transposes go through 32 x 32 tiles in
+// shared memory, so that a warp reads and writes runs of up to 32 consecutive elements along each
+// layout's contiguous side (x in the NCHW maps and the slot map, y in the transposed maps, k in the
+// dense matrices; fewer where a tile is cut by the map's edge); the softmax and its backward run on
+// the slot map alone, one thread per pixel with x fastest; combine reads the transposed half in runs
+// of 4 along y (its 8 x 4 tiles).
 // float32, float64, float16 and bfloat16. The GEMMs accumulate in float32 (float64 for float64),
 // split-K reductions included (run_gemm disallows reduced-precision reductions): the energies are
 // stored in the inputs' dtype by the GEMM; aggregate and scatter keep both partial sums in float32
@@ -39,8 +41,8 @@
 // (torch.backends.cuda.matmul.allow_tf32, off by default: FP32 FMA). No atomics and no split
 // reductions of our own: every output element has one owner, so results are deterministic on a
 // given GPU model (cuBLAS's own guarantee: same architecture and SM count, PyTorch's per-stream
-// workspace). cuBLAS is called once per image for each product: 4N + 5 launches forward and
-// 8N + 9 backward for a batch of N.
+// workspace). cuBLAS is called once per image for each product: 4N + 7 launches forward and
+// 8N + 11 backward for a batch of N.
 #pragma once
 
 #if !defined(CC_LAUNCH) || !defined(CC_LAUNCH_BLOCKS) || !defined(CC_DEVICE_GUARD)
@@ -428,7 +430,7 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
 }
 
 // (out, attention) from query, key (N, C', H, W) and value (N, C, H, W): energies, softmax and
-// aggregation in 9 launches; the attention map (N, H + W - 1, H, W) is kept for the backward.
+// aggregation in 4N + 7 launches (11 for one image); the attention map (N, H + W - 1, H, W) is kept for the backward.
 std::tuple<at::Tensor, at::Tensor> launch_attention(const at::Tensor& q_in, const at::Tensor& k_in,
                                                     const at::Tensor& v_in, int64_t max_blocks) {
   check_attention_args(q_in, k_in, v_in, "cc_attention");

@@ -6,8 +6,10 @@
 // memory or barriers, where every output has one owner thread, that computes what the GPU
 // computes. launch_blocks runs the threads of a block as fibers (ucontext) on one host thread:
 // each runs until it reaches __syncthreads or its end, and a barrier opens once every thread of
-// the block waits at it, as on the GPU. A kernel that reaches a barrier in some threads and ends
-// in others (a divergent barrier, undefined on the GPU) is an error here. __shared__ variables
+// the block waits at it, as on the GPU (threads in a fixed order, 0 first; the barrier is not told
+// apart by call site, and races within a phase are left to compute-sanitizer's racecheck). A
+// kernel that reaches a barrier in some threads and ends in others (a divergent barrier,
+// undefined on the GPU) is an error here, and so is an exception in a thread (rethrown). __shared__ variables
 // are static, one instance per kernel for the block being run (thread_local: concurrent host
 // calls stay apart). There are no atomics and no warp-level primitives.
 #pragma once
@@ -20,6 +22,7 @@
 #include <ucontext.h>
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -69,17 +72,32 @@ struct Block {
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
+  std::exception_ptr error;  // thrown in a fiber, rethrown by the scheduler
 };
 
 inline thread_local Block* running_block = nullptr;
 
 constexpr size_t kFiberStack = 64 * 1024;
 
+// A fiber's entry: the kernel for the thread the scheduler set; an exception cannot unwind past
+// a fiber, so it is kept for the scheduler to rethrow.
 inline void fiber_main() {
   Block* block = running_block;
-  (*block->body)();
+  try {
+    (*block->body)();
+  } catch (...) {
+    block->error = std::current_exception();
+  }
   block->current->done = true;  // uc_link returns to the scheduler
 }
+
+// running_block for the scope of a launch, cleared however it ends.
+struct RunningBlock {
+  explicit RunningBlock(Block* block) { running_block = block; }
+  ~RunningBlock() { running_block = nullptr; }
+  RunningBlock(const RunningBlock&) = delete;
+  RunningBlock& operator=(const RunningBlock&) = delete;
+};
 
 // kernel<<<blocks, threads>>>(args...) for kernels that use shared memory and __syncthreads: the
 // threads of each block run as fibers, switched at every barrier; blocks one after another.
@@ -92,7 +110,8 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
   block.body = &body;
   block.fibers.resize(threads);
   for (Fiber& f : block.fibers) f.stack.reset(new char[kFiberStack]);
-  running_block = &block;
+  TORCH_CHECK(running_block == nullptr, "emulation: launch_blocks inside a running block");
+  const RunningBlock scope(&block);
   for (unsigned int b = 0; b < blocks; ++b) {
     blockIdx = {b, 0, 0};
     for (Fiber& f : block.fibers) {
@@ -112,19 +131,16 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
           block.current = &f;
           threadIdx = {t, 0, 0};
           TORCH_INTERNAL_ASSERT(swapcontext(&block.scheduler, &f.context) == 0, "emulation: swapcontext failed");
+          if (block.error) std::rethrow_exception(block.error);
         }
         waiting += f.waiting;
         done += f.done;
       }
       if (done == threads) break;
-      if (waiting != threads) {
-        running_block = nullptr;
-        TORCH_CHECK(false, "emulation: a divergent __syncthreads in block ", b, ": ", waiting, " of ", threads,
-                    " threads wait at it, ", done, " have returned");
-      }
+      TORCH_CHECK(waiting == threads, "emulation: a divergent __syncthreads in block ", b, ": ", waiting, " of ",
+                  threads, " threads wait at it, ", done, " have returned");
     }
   }
-  running_block = nullptr;
 }
 
 }  // namespace emulation
