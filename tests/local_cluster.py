@@ -32,10 +32,26 @@ BUCKET = "ccnet"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, taken: set[int]) -> list[int]:
+    """n distinct free ports on 127.0.0.1, none of them in ``taken``, which they join. The sockets
+    stay bound until all n are drawn: drawn one at a time, the kernel can hand out a port it just
+    handed out (a restarted node once got the same port for its node manager and its dashboard
+    agent, and did not start)."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
+    finally:
+        for s in sockets:
+            s.close()
+    taken.update(ports)
+    return ports
 
 
 def wait_until(check, what: str, timeout: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -76,8 +92,8 @@ class LocalCluster:
     def __init__(self) -> None:
         # short: Ray's socket paths under its temp dir must stay below 108 characters
         self.base = Path(tempfile.mkdtemp(prefix="ccn-", dir="/tmp"))
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.s3_port, self.mlflow_port = free_port(), free_port()
+        self.ports: set[int] = set()  # every port handed out to a server or a node, never twice
+        self.gcs_port, self.dashboard_port, self.s3_port, self.mlflow_port = free_ports(4, self.ports)
         self.s3 = f"http://127.0.0.1:{self.s3_port}"
         self.gcs = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -135,10 +151,11 @@ class LocalCluster:
 
     def _node_ports(self, i: int) -> list[str]:
         """Ports of their own for each node: they all listen on 127.0.0.1."""
-        lo = 20000 + 1000 * i  # below the kernel's ephemeral ports (32768-), which free_port hands out
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        lo = 20000 + 1000 * i  # below the kernel's ephemeral ports (32768-), which free_ports hands out
+        manager, objects, agent, agent_grpc, metrics, runtime_env = free_ports(6, self.ports)
+        return [f"--node-manager-port={manager}", f"--object-manager-port={objects}",
+                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                 f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}"]
 
     def private(self, command: str) -> list[str]:
