@@ -341,6 +341,17 @@ def test_emulated_barrier_orders_the_threads_of_a_block(emu):
                                rtol=0, atol=0)
 
 
+def test_emulated_threads_run_in_both_orders(emu):
+    """With no barrier between the writes and the reads, a block whose thread t reads what thread
+    t / 2 wrote is right when its threads run in ascending order and wrong in descending order. The
+    emulation runs block 0 ascending and block 1 descending, so the race shows in one of them."""
+    x = torch.arange(2 * THREADS, dtype=torch.float32) + 1
+    out = emu.cc_reverse_blocks(x, "halves unsynced").view(2, THREADS)
+    halves = x.view(2, THREADS)[:, torch.arange(THREADS) // 2]
+    assert torch.equal(out[0], halves[0])  # ascending: every read after the write it needs
+    assert not torch.equal(out[1], halves[1])  # descending: reads before the writes, the race shows
+
+
 @pytest.mark.parametrize(("mode", "words"), [("diverge", "divergent __syncthreads in block 0: 128 of 256"),
                                              ("sequential", "run by launch, not launch_blocks")])
 def test_emulated_barrier_misuse_is_an_error(emu, mode, words):

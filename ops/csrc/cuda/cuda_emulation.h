@@ -6,8 +6,10 @@
 // memory or barriers, where every output has one owner thread, that computes what the GPU
 // computes. launch_blocks runs the threads of a block as fibers (ucontext) on one host thread:
 // each runs until it reaches __syncthreads or its end, and a barrier opens once every thread of
-// the block waits at it, as on the GPU (threads in a fixed order, 0 first; the barrier is not told
-// apart by call site, and races within a phase are left to compute-sanitizer's racecheck). A
+// the block waits at it, as on the GPU (the threads run in ascending and descending order by turns,
+// from one phase and one block to the next: a thread that reads what another writes in the same
+// phase sees it in one of the two orders and not in the other; the barrier is not told apart by
+// call site, and other races are left to compute-sanitizer's racecheck). A
 // kernel that reaches a barrier in some threads and ends in others (a divergent barrier,
 // undefined on the GPU) is an error here, and so is an exception in a thread (rethrown). __shared__ variables
 // are static, one instance per kernel for the block being run (thread_local: concurrent host
@@ -122,9 +124,11 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
       makecontext(&f.context, fiber_main, 0);
       f.waiting = f.done = false;
     }
-    for (;;) {  // one round: every live thread runs to its next barrier or its end
+    for (unsigned int round = 0;; ++round) {  // every live thread runs to its next barrier or its end
       unsigned int waiting = 0, done = 0;
-      for (unsigned int t = 0; t < threads; ++t) {
+      for (unsigned int i = 0; i < threads; ++i) {
+        // thread 0 first in one round, last in the next: two of the GPU's orders within a phase
+        const unsigned int t = (b + round) % 2 ? threads - 1 - i : i;
         Fiber& f = block.fibers[t];
         if (!f.done) {
           f.waiting = false;

@@ -104,17 +104,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::
 // memory, every thread writing its element before the barrier and reading its mirror's after it.
 // mode "blocks": launched as the tiled kernels are; "diverge": the odd threads skip the barrier
 // (undefined on a GPU, an error here); "sequential": launched as the kernels without barriers
-// are (an error: __syncthreads needs launch_blocks).
-__global__ void reverse_kernel(const float* x, float* out, bool diverge) {
+// are (an error: __syncthreads needs launch_blocks); "halves unsynced": thread t reads element
+// t / 2 of the slice with no barrier between the writes and the reads (a race: right only where
+// every thread runs after the ones below it).
+__global__ void reverse_kernel(const float* x, float* out, bool diverge, bool unsynced) {
   __shared__ float slice[kThreads];
   const int64_t base = int64_t(blockIdx.x) * blockDim.x;
   slice[threadIdx.x] = x[base + threadIdx.x];
+  if (unsynced) {
+    out[base + threadIdx.x] = slice[threadIdx.x / 2];
+    return;
+  }
   if (!diverge || threadIdx.x % 2 == 0) __syncthreads();
   out[base + threadIdx.x] = slice[blockDim.x - 1 - threadIdx.x];
 }
 
 at::Tensor reverse_blocks(const at::Tensor& x_in, const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "blocks" || mode == "diverge" || mode == "sequential",
+  TORCH_CHECK_VALUE(mode == "blocks" || mode == "diverge" || mode == "sequential" || mode == "halves unsynced",
                     "cc_reverse_blocks: unknown mode '", mode, "'");
   const at::Tensor x = x_in.contiguous().to(at::kFloat);
   TORCH_CHECK_VALUE(x.numel() > 0 && x.numel() % kThreads == 0, "cc_reverse_blocks: x needs whole blocks of ",
@@ -122,10 +128,11 @@ at::Tensor reverse_blocks(const at::Tensor& x_in, const std::string& mode) {
   at::Tensor out = at::empty_like(x);
   const auto blocks = static_cast<unsigned int>(x.numel() / kThreads);
   if (mode == "sequential") {
-    CC_LAUNCH(reverse_kernel, blocks, kThreads, x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), false);
+    CC_LAUNCH(reverse_kernel, blocks, kThreads, x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), false,
+              false);
   } else {
     CC_LAUNCH_BLOCKS(reverse_kernel, blocks, kThreads, x.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-                     mode == "diverge");
+                     mode == "diverge", mode == "halves unsynced");
   }
   return out;
 }
