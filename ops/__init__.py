@@ -5,7 +5,8 @@
 
 CPU (C++) and CUDA kernels registered under ``torch.ops.ccnet_ops``, built on first use
 (``python -m ops.build`` builds ahead of time); ``ops.reference`` is the pure-PyTorch form;
-``ops.criss_cross_attention(q, k, v, fused=True)`` never stores the attention map (``ops.fused``).
+``ops.criss_cross_attention(q, k, v, fused=True)`` never stores the attention map (kernels of
+ours on CUDA, ``csrc/cuda/cc_fused.cuh``; ``ops.fused`` elsewhere).
 Nothing is built or registered at import time.
 """
 

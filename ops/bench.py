@@ -14,8 +14,8 @@ same inputs:
   (broadcast (H, H), where the authors' module materialises it per column), under this
   project's dtype contract;
 - ``ours``: the compiled op, with the attention map (``fused=False``);
-- ``fused``: the compiled op's fused mode (``fused=True``, ``ops.fused``), which never stores the
-  map.
+- ``fused``: the compiled op's fused mode (``fused=True``: the fused kernels on CUDA,
+  ``ops.fused`` on the CPU), which never stores the map.
 
 The table gives median times, the ref/ours ratio (above 1: the compiled op is faster), the peak
 memory that forward + backward adds (CUDA: the caching allocator's peak over what was allocated

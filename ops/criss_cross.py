@@ -10,7 +10,8 @@ The three registered ops (``torch.ops.ccnet_ops.cc_energy``, ``cc_aggregate``, `
 are closed under differentiation, so every backward below is built from registered ops and
 ``torch.compile`` traces through forward and backward alike. On CUDA the same maths runs as one
 op each way (``cc_attention``: energies, softmax and aggregation; ``cc_attention_backward``),
-with the primitives behind a backward that must itself be differentiable.
+with the primitives behind a backward that must itself be differentiable; and its fused mode as
+``cc_attention_fused`` and ``cc_attention_fused_backward`` (no map; not differentiable twice).
 
 Implementations: ``"compiled"`` (the default; the C++/CUDA kernels, built on first use) and
 ``"reference"`` (pure PyTorch, ``ops.reference``). Choose with ``set_implementation``,
@@ -42,6 +43,7 @@ from torch import Tensor
 from . import extension, reference
 from .checks import check_aggregate_args, check_energy_args, check_inputs
 from .dtypes import autocast_inputs, castable, softmax_slots
+from .fused import NO_DOUBLE_BACKWARD, criss_cross_attention_fused
 
 IMPLEMENTATIONS = ("compiled", "reference")
 
@@ -123,8 +125,8 @@ def load_compiled() -> extension.BuildInfo | None:
         if extension.strict():
             raise extension.BuildError(_state.error or "the compiled kernels are not available")
         _warn_once("build", f"ops: the compiled criss-cross attention kernels are unavailable "
-                            f"({_reason(_state.error)}); the pure-PyTorch reference runs instead. "
-                            "Set CCNET_OPS_STRICT=1 to make this an error.")
+                            f"({_reason(_state.error)}); the pure-PyTorch reference runs instead (ops.fused, "
+                            "for fused=True). Set CCNET_OPS_STRICT=1 to make this an error.")
     return _state.info
 
 
@@ -169,7 +171,7 @@ def _compiled_serves(device: torch.device) -> bool:
                                        f"{device.type} (CCNET_OPS_STRICT=1: no fallback to the reference)")
         _warn_once(f"device:{device.type}", f"ops: the compiled kernels were built for "
                    f"{'/'.join(info.devices)}, not {device.type}; the pure-PyTorch reference runs "
-                   "on this device instead.")
+                   "on this device instead (ops.fused, for fused=True).")
         return False
     return True
 
@@ -201,11 +203,13 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, implementation: st
         k: key (N, C', H, W).
         v: value (N, C, H, W), on the same device and in the same dtype.
         implementation: ``"compiled"`` or ``"reference"``; None uses the current selection.
-        fused: True: the fused mode (``ops.fused``), which never stores the (N, H + W - 1, H, W)
-            attention map and holds O(N * C * H * W) memory, on any device and with either
-            implementation (it needs no compiled kernel). False: the map. None: the fused mode
-            with the compiled implementation where ``fused_by_default`` says so; the reference
-            is always the reference.
+        fused: True: the fused mode, which never stores the (N, H + W - 1, H, W) attention map
+            and holds O(N * C * H * W) memory, on any device and with either implementation: on
+            CUDA with the compiled implementation, kernels of ours (``cc_attention_fused``,
+            ``csrc/cuda/cc_fused.cuh``); elsewhere ``ops.fused`` (blocks of batched GEMMs, no
+            compiled kernel needed). False: the map. None: the fused mode with the compiled
+            implementation where ``fused_by_default`` says so; the reference is always the
+            reference.
 
     Returns:
         out (N, C, H, W): for each pixel, the softmax-weighted sum of the values on its row and
@@ -217,8 +221,8 @@ def criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, *, implementation: st
     if fused is None:
         fused = name == "compiled" and fused_by_default(v.shape)
     if fused:
-        from .fused import criss_cross_attention_fused
-
+        if name == "compiled" and q.device.type == "cuda" and _compiled_serves(q.device):
+            return torch.ops.ccnet_ops.cc_attention_fused(q, k, v)[0]
         return criss_cross_attention_fused(q, k, v)
     if name == "compiled" and _compiled_serves(q.device):
         if q.device.type == "cuda":  # one op each way: energies, softmax and aggregation fused
@@ -311,6 +315,42 @@ def _attention_backward(ctx, grad: Tensor, _grad_attn: Tensor | None):
     return tuple(g if need else None for g, need in zip(lib.cc_attention_backward(grad, q, k, v, attn), needed))
 
 
+# out, lse = attention_fused(q, k, v) (CUDA): the fused mode, with the per-pixel log-sum-exp of the
+# merged softmax kept for its backward, which recomputes the energies. Not differentiable twice.
+
+
+def _attention_fused_fake(q: Tensor, k: Tensor, v: Tensor):
+    check_inputs(q, k, v)
+    N, _, H, W = q.shape
+    return v.new_empty(v.shape), v.new_empty((N, H, W), dtype=torch.promote_types(v.dtype, torch.float32))
+
+
+def _attention_fused_backward_fake(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+    check_inputs(q, k, v)
+    if grad.shape != v.shape or out.shape != v.shape:
+        raise ValueError(f"cc_attention_fused_backward: grad {tuple(grad.shape)} and out {tuple(out.shape)} must "
+                         f"have the shape of value {tuple(v.shape)}")
+    N, _, H, W = v.shape
+    acc = torch.promote_types(v.dtype, torch.float32)
+    if lse.shape != (N, H, W) or lse.dtype != acc:
+        raise ValueError(f"cc_attention_fused_backward: lse must be (N, H, W) = {(N, H, W)} in {acc}, got "
+                         f"{tuple(lse.shape)} in {lse.dtype}")
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_fused_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_fused_backward(ctx, grad: Tensor, _grad_lse: Tensor | None):
+    if torch.is_grad_enabled():  # create_graph: a second derivative was asked for
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+    q, k, v, out, lse = ctx.saved_tensors
+    grads = torch.ops.ccnet_ops.cc_attention_fused_backward(grad, q, k, v, out, lse)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3]))
+
+
 def _register_python_side() -> None:
     """Fake kernels and autograd; runs once, right after the library is loaded."""
     for op, fake, backward, setup in (
@@ -318,6 +358,7 @@ def _register_python_side() -> None:
         ("cc_aggregate", _mix_fake, _aggregate_backward, _save_inputs),
         ("cc_scatter", _mix_fake, _scatter_backward, _save_inputs),
         ("cc_attention", _attention_fake, _attention_backward, _attention_setup),
+        ("cc_attention_fused", _attention_fused_fake, _attention_fused_backward, _attention_fused_setup),
     ):
         name = f"{extension.LIBRARY}::{op}"
         torch.library.register_fake(name)(fake)
@@ -325,6 +366,7 @@ def _register_python_side() -> None:
         for device_type in ("cpu", "cuda"):
             _register_autocast(op, device_type)
     torch.library.register_fake(f"{extension.LIBRARY}::cc_attention_backward")(_attention_backward_fake)
+    torch.library.register_fake(f"{extension.LIBRARY}::cc_attention_fused_backward")(_attention_fused_backward_fake)
     _register_flop_formulas()
 
 
@@ -373,6 +415,14 @@ def _register_flop_formulas() -> None:
     def _attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:  # energy + aggregate
         N, Cq, H, W = q_shape
         return 2 * N * (Cq + v_shape[1]) * H * W * (H + W - 1)
+
+    @register_flop_formula(lib.cc_attention_fused)
+    def _attention_fused_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+        return _attention_flops(q_shape, k_shape, v_shape)
+
+    @register_flop_formula(lib.cc_attention_fused_backward)
+    def _attention_fused_backward_flops(g_shape, q_shape, *args, **kwargs) -> int:
+        return _attention_backward_flops(g_shape, q_shape)
 
     @register_flop_formula(lib.cc_attention_backward)
     def _attention_backward_flops(g_shape, q_shape, *args, **kwargs) -> int:  # dattn, dv, dq, dk

@@ -42,6 +42,10 @@ from .checks import check_inputs
 from .dtypes import AUTOCAST_DEVICE_TYPES, autocast_inputs
 
 
+NO_DOUBLE_BACKWARD = ("criss_cross_attention(fused=True): the backward is not differentiable (no double "
+                      "backward, create_graph=True); use fused=False, whose backward is")
+
+
 def _no_autocast(device_type: str):
     """Autocast off inside the op (its inputs are already cast), where the device has autocast."""
     if device_type in AUTOCAST_DEVICE_TYPES:
@@ -105,9 +109,11 @@ def _pass_block(q: Tensor, k: Tensor, v: Tensor, which: str, b: slice, acc: torc
     qb, kb, vb = (_view(t, which, b).contiguous() for t in (q, k, v))
     e = _energies(qb, kb, acc, diagonal=which == "row")
     m = e.amax(-1, keepdim=True)
-    p = torch.exp(e.sub_(m))
+    # a pixel with no finite energy in the pass (every key at -inf: float16 energies beyond its
+    # range) gets sum 0 and output 0, which the merge weighs 0, rather than NaN
+    p = torch.exp(e.sub_(m.masked_fill(m == float("-inf"), 0)))
     s = p.sum(-1, keepdim=True)
-    return m.squeeze(-1), s.squeeze(-1), torch.matmul(p.div_(s).to(v.dtype), vb)
+    return m.squeeze(-1), s.squeeze(-1), torch.matmul(p.div_(s.clamp_min(torch.finfo(acc).tiny)).to(v.dtype), vb)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, block: int | None) -> tuple[Tensor, Tensor]:
@@ -172,8 +178,7 @@ class _FusedCrissCross(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         if torch.is_grad_enabled():  # create_graph: a second derivative was asked for
-            raise RuntimeError("criss_cross_attention(fused=True): the backward is not differentiable (no double "
-                               "backward, create_graph=True); use fused=False, whose backward is")
+            raise RuntimeError(NO_DOUBLE_BACKWARD)
         q, k, v, out, lse = ctx.saved_tensors
         with _no_autocast(q.device.type):
             dq, dk, dv = _backward(grad, q, k, v, out, lse, ctx.block)

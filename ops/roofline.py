@@ -20,11 +20,18 @@ import argparse
 import dataclasses
 
 SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# Output channels per block of a line pass of the fused mode (cc_fused.cuh: chunk_channels), and the
+# pixels of a line per tile (kSpan).
+LINE_CHUNK = {"float64": 32, "float32": 64, "float16": 64, "bfloat16": 64}
+LINE_SPAN = 32
 
-# Data-sheet figures (dense, no sparsity): HBM bytes/s and FLOP/s per math path.
+# Data-sheet figures (dense, no sparsity): HBM bytes/s and FLOP/s per math path; "fp64" is the FP64
+# tensor-core peak (cuBLAS's DGEMM), "fp64_fma" that of FMA on the CUDA cores.
 GPUS = {
-    "H100 SXM": {"bandwidth": 3.35e12, "tensor16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12},
-    "H200 SXM": {"bandwidth": 4.8e12, "tensor16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12},
+    "H100 SXM": {"bandwidth": 3.35e12, "tensor16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12,
+                 "fp64_fma": 33.5e12},
+    "H200 SXM": {"bandwidth": 4.8e12, "tensor16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12,
+                 "fp64_fma": 33.5e12},
 }
 
 
@@ -100,6 +107,73 @@ def fused_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[K
             Kernel("fused backward", 2 * q_k + 4 * values + lse, per_slot * (3 * Cq + 2 * C), True)]
 
 
+def fused_line_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[Kernel]:
+    """The fused mode as built on CUDA (``cc_attention_fused`` and its backward,
+    ops/csrc/cuda/cc_fused.cuh), launch by launch: transposes for the column pass, one line-pass
+    kernel per pass and gradient, the column results transposed back, and the per-pixel D of the
+    backward. A line pass reads its maps and statistics once and writes its result once (the
+    column pass in float32 / float64, the row pass in the dtype, adding the column pass's); its
+    FLOPs are those of its tiles, whole tiles of ``LINE_SPAN`` x ``LINE_SPAN`` pixel pairs (on the
+    tensor cores for fp16/bf16, FMA on the CUDA cores for float32 and float64: ``line_path``), with
+    the energies (and dP) recomputed once per chunk of ``LINE_CHUNK`` output channels. A lower
+    bound: the exponentials (each thread of a pixel takes all of its tile's), shared-memory traffic
+    and occupancy are not counted."""
+    s, acc = SIZES[dtype], 8 if dtype == "float64" else 4
+    P, chunk = H * W, LINE_CHUNK[dtype]
+
+    def chunks(channels: int) -> int:
+        return -(-channels // chunk)
+
+    def maps(*channels: int) -> int:  # bytes of maps in the dtype
+        return N * P * s * sum(channels)
+
+    def parts(*channels: int) -> int:  # bytes of float32 (float64) maps and statistics
+        return N * P * acc * sum(channels)
+
+    def transpose(name: str, size: int) -> Kernel:
+        return Kernel(f"transpose {name}", 2 * size, 0, False)
+
+    def line(pass_: str, what: str, moved: int, pair_flops: int) -> Kernel:
+        # every tile is computed whole: kSpan own against kSpan other pixels, those past the line too
+        lines, length = (W, H) if pass_ == "columns" else (H, W)
+        pairs = N * lines * (-(-length // LINE_SPAN) * LINE_SPAN) ** 2
+        return Kernel(f"{pass_} {what}", moved, 2 * pairs * pair_flops, True)
+
+    columns = H > 1
+    forward_flops = chunks(C) * Cq + C
+    forward = []
+    if columns:  # reads q, k, v; writes its normalised output and (max, sum)
+        forward += [transpose("q", maps(Cq)), transpose("k", maps(Cq)), transpose("v", maps(C)),
+                    line("columns", "forward", maps(Cq, Cq, C) + parts(C, 2), forward_flops),
+                    transpose("columns out", parts(C)), transpose("columns max", parts(1)),
+                    transpose("columns sum", parts(1))]
+    # reads q, k, v and the column pass's results; writes out and the log-sum-exp
+    forward.append(line("rows", "forward", maps(Cq, Cq, C, C) + parts(1) + (parts(C, 2) if columns else 0),
+                        forward_flops))
+    backward = [Kernel("D", maps(C, C) + parts(1), 2 * N * C * P, False)]
+    grads = {  # per gradient: the maps and statistics it reads, its channels, its FLOPs per pair
+        "dq": (maps(Cq, Cq, C, C) + parts(2), Cq, chunks(Cq) * (Cq + C) + Cq),
+        "dk": (maps(Cq, Cq, C, C) + parts(2), Cq, chunks(Cq) * (Cq + C) + Cq),
+        "dv": (maps(Cq, Cq, C) + parts(1), C, chunks(C) * Cq + C),
+    }
+    if columns:
+        backward += [transpose("q", maps(Cq)), transpose("k", maps(Cq)), transpose("v", maps(C)),
+                     transpose("dout", maps(C)), transpose("lse", parts(1)), transpose("D", parts(1))]
+        for name, (read, channels, flops) in grads.items():
+            backward += [line("columns", name, read + parts(channels), flops),
+                         transpose(f"columns {name}", parts(channels))]
+    for name, (read, channels, flops) in grads.items():
+        backward.append(line("rows", name, read + maps(channels) + (parts(channels) if columns else 0), flops))
+    return ([dataclasses.replace(k, name=f"fwd {k.name}") for k in forward]
+            + [dataclasses.replace(k, name=f"bwd {k.name}") for k in backward])
+
+
+def line_path(dtype: str) -> str:
+    """Where the line passes' tiles run: the tensor cores for fp16/bf16 (WMMA, float32 sums), the
+    CUDA cores for float32 (FMA) and float64."""
+    return {"float16": "tensor16", "bfloat16": "tensor16", "float32": "fp32"}.get(dtype, "fp64_fma")
+
+
 def floor_seconds(kernel: Kernel, gpu: dict, path: str) -> float:
     compute = kernel.flops / gpu[path] if kernel.gemm else 0.0  # the layout kernels' arithmetic is noise
     return max(kernel.bytes / gpu["bandwidth"], compute)
@@ -148,6 +222,13 @@ def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False)
     lines.append(f"| **total** (HBM alone) | {sum(k.bytes for k in fused) / 1e6:.2f} | "
                  f"{sum(k.flops for k in fused) / 1e9:.3f} | "
                  + " | ".join(f"**{total[n] * 1e6:.1f}** ({hbm[n] * 1e6:.1f})" for n in names) + " |")
+    built, line = fused_line_kernels(*shape, dtype), line_path(dtype)
+    lines += ["", (f"the fused mode as built (cc_attention_fused: tiles on {line}; energies "
+                   f"recomputed per chunk of {LINE_CHUNK[dtype]} output channels):"), "",
+              *_kernel_rows(built, line, names)]
+    total = {n: sum(floor_seconds(k, GPUS[n], line) for k in built) for n in names}
+    lines.append(f"| **total** | {sum(k.bytes for k in built) / 1e6:.2f} | {sum(k.flops for k in built) / 1e9:.3f} | "
+                 + " | ".join(f"**{total[n] * 1e6:.1f}**" for n in names) + " |")
     return "\n".join(lines)
 
 

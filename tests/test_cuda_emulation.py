@@ -18,6 +18,10 @@ host wrappers the GPU runs (cuBLAS itself excepted), and prove that:
   W = 1, 1 x 1, H != W, and non-contiguous inputs;
 * every output element is written (outputs are allocated NaN-filled), the result does not depend
   on the grid, and the reduced precisions accumulate in float32;
+* the fused mode's kernels (``cc_fused.cuh``: cc_attention_fused and its backward, no attention
+  map; fp16 and bf16 through the emulated WMMA fragments) give autograd of the reference and the
+  per-pixel log-sum-exp, on the same launch edges and on lines of several tiles and channels in
+  several chunks, whatever the grid;
 * the wrappers reject bad arguments with an error that names the op, and a failed build of the
   emulation is a BuildError that carries the compiler's message.
 """
@@ -288,6 +292,108 @@ def test_attention_does_not_depend_on_the_grid(emu):
     assert all(torch.equal(a, b) for r in results for a, b in zip(r, results[-1]))
 
 
+# --- the fused mode in kernels of ours (cc_attention_fused and its backward): no attention map ---
+
+FUSED_CASES = CASES + [
+    # query and key of 70 channels (three 32-channel steps of an energy tile), value of 72 (two
+    # float32 chunks of 64 output channels, three float64 ones of 32); both passes over two tiles
+    # of 32 pixels, the second cut; the grid capped at 3 blocks for 160 and 140 items
+    Case("channels in chunks, lines in tiles", 1, 70, 40, 35, 3),
+]
+SPAN, CHUNK = 32, 64  # kSpan and the float32 chunk of output channels of cc_fused.cuh
+
+
+def fused_expected(q, k, v, g):
+    """out, dq, dk, dv by autograd of the reference in float64 on the (rounded) inputs, and each
+    pixel's log-sum-exp over its H + W - 1 energies."""
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = reference.criss_cross_attention(*leaves)
+    grads = torch.autograd.grad(out, leaves, g.double())
+    lse = torch.logsumexp(reference.energy(q.double(), k.double()), dim=1)
+    return out.detach(), *grads, lse
+
+
+def run_fused(emu, q, k, v, g, max_blocks):
+    with nan_filled_allocations():
+        out, lse = emu.cc_attention_fused(q, k, v, max_blocks)
+        grads = emu.cc_attention_fused_backward(g, q, k, v, out, lse, max_blocks)
+    for name, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert not t.isnan().any(), f"{name}: {int(t.isnan().sum())} elements no thread wrote"
+    return out, *grads, lse
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: c.name)
+def test_fused_attention_matches_the_reference(emu, case):
+    """float64: the output, dq, dk and dv are autograd of the reference, and the kept statistic is
+    the log-sum-exp of each pixel's energies, on every launch edge of the cases."""
+    q, k, v, g = attention_inputs(case, torch.float64, seed=4)
+    got = run_fused(emu, q, k, v, g, case.max_blocks)
+    for name, a, e in zip(("out", "dq", "dk", "dv", "lse"), got, fused_expected(q, k, v, g)):
+        assert a.dtype == torch.float64 and a.shape == e.shape, name
+        torch.testing.assert_close(a, e, atol=1e-12 * float(e.abs().max().clamp(min=1)), rtol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], FUSED_CASES[-1]], ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fused_attention_keeps_the_dtype_contract(emu, dtype, case):
+    """float32, float16, bfloat16: results in the inputs' dtype (the statistic in float32) within
+    the compiled op's tolerances of the float64 reference on the same rounded inputs."""
+    q, k, v, g = attention_inputs(case, dtype, seed=5)
+    atol, rtol = TOLERANCE[dtype]
+    for name, a, e in zip(("out", "dq", "dk", "dv", "lse"), run_fused(emu, q, k, v, g, case.max_blocks),
+                          fused_expected(q, k, v, g)):
+        assert a.dtype == (torch.float32 if name == "lse" else dtype), name
+        torch.testing.assert_close(a.double(), e, atol=atol * float(e.abs().max().clamp(min=1)), rtol=rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fused_attention_when_a_pass_has_no_finite_energy(emu):
+    """float16 energies beyond its range are -inf: here every column energy of pixel (0, 0) (300 x
+    -300), not its row's. The column pass then adds nothing (not 0 / 0), and the output and
+    gradients are the reference's, where that weight is exp(-90000)."""
+    q = torch.tensor([[[[300.0, 0.0], [0.0, 0.0]]]]).half()
+    k = torch.tensor([[[[0.0, 0.0], [-300.0, 0.0]]]]).half()
+    v, g = (torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(s)).half() for s in (4, 5))
+    for name, a, e in zip(("out", "dq", "dk", "dv", "lse"), run_fused(emu, q, k, v, g, 1), fused_expected(q, k, v, g)):
+        torch.testing.assert_close(a.double(), e, atol=1e-2 * float(e.abs().max().clamp(min=1)), rtol=1e-2,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fused_attention_does_not_depend_on_the_grid(emu):
+    """The same bits whatever the grid: every output element has one owner and a fixed order of sums."""
+    case = FUSED_CASES[-1]
+    q, k, v, g = attention_inputs(case, torch.float32, seed=6)
+    results = [run_fused(emu, q, k, v, g, cap) for cap in (1, 2, 7, REAL_CAP)]
+    assert all(torch.equal(a, b) for r in results for a, b in zip(r, results[-1]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_attention_takes_non_contiguous_inputs(emu, layout):
+    case = CASES[2]
+    q, k, v, g = attention_inputs(case, torch.float64, seed=7)
+    out, lse = emu.cc_attention_fused(*(as_layout(t, layout) for t in (q, k, v)), case.max_blocks)
+    grads = emu.cc_attention_fused_backward(*(as_layout(t, layout) for t in (g, q, k, v, out)), lse.mT.contiguous().mT,
+                                            case.max_blocks)
+    wanted = run_fused(emu, q, k, v, g, case.max_blocks)
+    assert all(torch.equal(a, b) for a, b in zip((out, *grads, lse), wanted))
+
+
+def test_fused_cases_reach_the_launch_edges(emu):
+    """A block per (image, line, tile of 32 pixels, chunk of 64 float32 output channels) in each
+    pass; the cases give lines of several tiles, the last cut, several chunks, and grids that
+    loop; and the line passes run at H = 1 and W = 1."""
+    assert emu.cc_launch_config("line rows", 2, 72, 40, 35, 3) == [2 * 40 * 2 * 2, 3, THREADS]
+    assert emu.cc_launch_config("line columns", 2, 72, 40, 35, 3) == [2 * 35 * 2 * 2, 3, THREADS]
+    assert emu.cc_launch_config("line rows", 2, 64, 1, 32, REAL_CAP) == [2, 2, THREADS]
+    for kernel, along in (("line rows", "W"), ("line columns", "H")):
+        launches = {c.name: emu.cc_launch_config(kernel, c.N, c.C + 2, c.H, c.W, c.max_blocks) for c in FUSED_CASES}
+        assert any(items >= 5 * blocks for items, blocks, _ in launches.values()), kernel
+        assert any(getattr(c, along) > SPAN and getattr(c, along) % SPAN and c.C + 2 > CHUNK for c in FUSED_CASES)
+    assert any(c.H == 1 for c in FUSED_CASES) and any(c.W == 1 for c in FUSED_CASES)
+    assert any(c.C > SPAN for c in FUSED_CASES)  # energies over more than one 32-channel step
+
+
 # --- the launch configurations the cases reach ------------------------------------------------
 
 def test_cases_reach_the_launch_edges(emu):
@@ -361,11 +467,34 @@ def test_emulated_barrier_misuse_is_an_error(emu, mode, words):
         emu.cc_reverse_blocks(torch.zeros(2 * THREADS), mode)
 
 
+@pytest.mark.parametrize("a_layout", ["row", "col"])
+@pytest.mark.parametrize("b_layout", ["row", "col"])
+def test_emulated_wmma_reads_each_layout(emu, a_layout, b_layout):
+    """A 16 x 16 x 16 product through the emulated fragments: an operand given row-major (element
+    (i, j) at i * ldm + j) or column-major (at i + j * ldm), rows of 40 elements as the fused
+    kernels' tiles have; the float32 product is the exact one (bf16 products are exact in float32,
+    and 16 of them sum exactly at these magnitudes)."""
+    gen = torch.Generator().manual_seed(8)
+    a, b = (torch.randint(-8, 9, (16, 16), generator=gen).bfloat16() for _ in range(2))
+    stored = lambda t, layout: t if layout == "row" else t.T.contiguous()  # noqa: E731
+    out = emu.cc_wmma_probe(stored(a, a_layout), stored(b, b_layout), a_layout, b_layout, 0, 40)
+    assert torch.equal(out, a.float() @ b.float())
+
+
+@pytest.mark.parametrize(("offset", "ldm", "words"), [(1, 40, "not 256-bit aligned"), (0, 36, "multiple of 16 bytes")])
+def test_emulated_wmma_checks_its_documented_rules(emu, offset, ldm, words):
+    """WMMA needs a 256-bit aligned pointer and a leading dimension of a multiple of 16 bytes: 2
+    bytes off, or rows of 36 bf16 (72 bytes), raise instead of computing something."""
+    with pytest.raises(RuntimeError, match=words):
+        emu.cc_wmma_probe(torch.zeros(16, 16).bfloat16(), torch.zeros(16, 16).bfloat16(), "row", "row", offset, ldm)
+
+
 # --- bad arguments ----------------------------------------------------------------------------
 
 def _bad_calls():
     q, k = make_inputs("cc_energy", (1, 2, 3, 4), torch.float32)
     w, v = make_inputs("cc_aggregate", (1, 2, 3, 4), torch.float32)
+    lse = torch.zeros(1, 3, 4)
     return {
         "energy shapes": ("cc_energy", (q, k[:, :1], 1), ValueError, "cc_energy: query .* same shape"),
         "energy rank": ("cc_energy", (q[0], k[0], 1), ValueError, "cc_energy: query must be 4-D"),
@@ -376,6 +505,14 @@ def _bad_calls():
         "scatter dtypes": ("cc_scatter", (w, v.double(), 1), TypeError, "cc_scatter: attention has dtype"),
         "scatter height": ("cc_scatter", (w, v[:, :, :2], 1), ValueError, "cc_scatter: attention has shape"),
         "no blocks": ("cc_scatter", (w, v, 0), ValueError, "cc_scatter: max_blocks"),
+        "fused shapes": ("cc_attention_fused", (q, k, v[:, :, :2], 1), ValueError,
+                         "cc_attention_fused: value .* must match query"),
+        "fused lse dtype": ("cc_attention_fused_backward", (v, q, k, v, v, lse.half(), 1), ValueError,
+                            "cc_attention_fused_backward: lse must be .* in Float"),
+        "fused lse shape": ("cc_attention_fused_backward", (v, q, k, v, v, lse[:, 1:], 1), ValueError,
+                            "cc_attention_fused_backward: lse must be"),
+        "fused out shape": ("cc_attention_fused_backward", (v, q, k, v, v[:, :1], lse, 1), ValueError,
+                            "cc_attention_fused_backward: grad .* and out"),
     }
 
 

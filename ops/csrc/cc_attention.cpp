@@ -952,6 +952,11 @@ TORCH_LIBRARY(ccnet_ops, m) {
   m.def("cc_attention(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)");
   m.def("cc_attention_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor attn) -> "
         "(Tensor, Tensor, Tensor)");
+  // the fused mode, CUDA only (cuda/cc_fused.cuh): (out, log-sum-exp (N, H, W) in float32 / float64),
+  // no attention map; and (dq, dk, dv) from the output's gradient, the inputs, out and the log-sum-exp
+  m.def("cc_attention_fused(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)");
+  m.def("cc_attention_fused_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor out, "
+        "Tensor lse) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ccnet_ops, CPU, m) {

@@ -10,6 +10,9 @@
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #define CC_DEVICE_GUARD(device) const c10::cuda::CUDAGuard cc_device_guard(device)
@@ -61,9 +64,24 @@ void run_gemm(const GemmPlan& p, const In* a, const In* b, Out* c) {
   TORCH_CUDABLAS_CHECK(status);
 }
 
+// The element type of nvcuda::wmma for a dtype (the fused kernels' tensor-core tiles).
+template <typename T>
+struct MmaElement {
+  using type = T;
+};
+template <>
+struct MmaElement<at::Half> {
+  using type = __half;
+};
+template <>
+struct MmaElement<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
 }  // namespace ccnet_ops
 
 #include "cc_kernels.cuh"
+#include "cc_fused.cuh"
 
 namespace ccnet_ops {
 namespace {
@@ -93,6 +111,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at:
   return launch_attention_backward(grad, query, key, value, attn, kMaxBlocks);
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_fused_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                        const at::Tensor& value) {
+  return launch_fused_attention(query, key, value, kMaxBlocks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fused_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse) {
+  return launch_fused_attention_backward(grad, query, key, value, out, lse, kMaxBlocks);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ccnet_ops, CUDA, m) {
@@ -101,6 +130,8 @@ TORCH_LIBRARY_IMPL(ccnet_ops, CUDA, m) {
   m.impl("cc_scatter", &scatter_cuda);
   m.impl("cc_attention", &attention_cuda);
   m.impl("cc_attention_backward", &attention_backward_cuda);
+  m.impl("cc_attention_fused", &attention_fused_cuda);
+  m.impl("cc_attention_fused_backward", &attention_fused_backward_cuda);
 }
 
 }  // namespace ccnet_ops

@@ -13,7 +13,8 @@
 // kernel that reaches a barrier in some threads and ends in others (a divergent barrier,
 // undefined on the GPU) is an error here, and so is an exception in a thread (rethrown). __shared__ variables
 // are static, one instance per kernel for the block being run (thread_local: concurrent host
-// calls stay apart). There are no atomics and no warp-level primitives.
+// calls stay apart). There are no atomics and no warp-level primitives besides the WMMA
+// fragments below.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -27,6 +28,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -149,6 +151,78 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
 
 }  // namespace emulation
 }  // namespace ccnet_ops
+
+// nvcuda::wmma as the fused kernels use it (fragments of 16 x 16 x 16, loaded and stored through
+// memory, never looked into). On the GPU a fragment is spread over the registers of a warp's 32
+// threads in an unspecified layout and each operation is warp-wide; here every thread holds the
+// whole fragment and does each operation in full, which gives the same results for code that
+// calls them from whole warps with the same arguments. WMMA's documented requirements are
+// checked: a pointer aligned to 256 bits, and a leading dimension of a multiple of 16 bytes.
+// Products are summed in float32, in order along k.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  T x[rows * cols];  // (i, j) at x[i * cols + j]
+};
+
+template <typename T>
+void check_operand(const T* p, unsigned ldm, const char* what) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0, "emulation: wmma::", what, " pointer ",
+              static_cast<const void*>(p), " is not 256-bit aligned");
+  TORCH_CHECK(ldm * sizeof(T) % 16 == 0, "emulation: wmma::", what, " leading dimension ", ldm,
+              " is not a multiple of 16 bytes");
+}
+
+// a row-major (i, j) at p[i * ldm + j], a column-major one at p[i + j * ldm]
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>);
+  check_operand(p, ldm, "load_matrix_sync");
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int i = 0; i < F::rows; ++i)
+    for (int j = 0; j < F::cols; ++j)
+      f.x[i * F::cols + j] = std::is_same_v<Layout, row_major> ? p[i * ldm + j] : p[i + j * ldm];
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  check_operand(p, ldm, "store_matrix_sync");
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) (layout == mem_row_major ? p[i * ldm + j] : p[i + j * ldm]) = f.x[i * N + j];
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& value) {
+  for (T& e : f.x) e = value;
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < N; ++j) {
+      float sum = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) sum += static_cast<float>(a.x[i * K + k]) * static_cast<float>(b.x[k * N + j]);
+      out[i * N + j] = sum;
+    }
+  }
+  for (int e = 0; e < M * N; ++e) d.x[e] = out[e];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
 
 // The barrier of a block run by launch_blocks: back to the scheduler until every thread waits.
 inline void __syncthreads() {

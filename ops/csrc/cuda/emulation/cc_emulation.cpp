@@ -11,10 +11,13 @@
 //   cc_scatter(attention, feature, max_blocks)   like ccnet_ops::cc_scatter
 //   cc_attention(query, key, value, max_blocks)  like ccnet_ops::cc_attention (CUDA only there)
 //   cc_attention_backward(grad, query, key, value, attention, max_blocks)
+//   cc_attention_fused(query, key, value, max_blocks)   like ccnet_ops::cc_attention_fused (CUDA only there)
+//   cc_attention_fused_backward(grad, query, key, value, out, lse, max_blocks)
 //   cc_reverse_blocks(x, mode)                   a probe of the emulated barriers (below)
+//   cc_wmma_probe(a, b, a_layout, b_layout, offset, ldm)   a probe of the emulated WMMA (below)
 //   cc_launch_config(kernel, N, C, H, W, max_blocks) [tiles or items, blocks, threads] of a layout
-//                                                kernel ("pack", "unpack", "transpose", "combine"
-//                                                or "softmax")
+//                                                kernel ("pack", "unpack", "transpose", "combine",
+//                                                "softmax", "line rows" or "line columns")
 // A small max_blocks makes every thread run its grid-stride loop many times.
 #include <torch/library.h>
 
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/zeros.h>
 
 #include "../cc_gemm.h"
 #include "../cuda_emulation.h"
@@ -59,9 +63,16 @@ void run_gemm(const GemmPlan& p, const In* a, const In* b, Out* c) {
   }
 }
 
+// The element type of nvcuda::wmma for a dtype: the emulated fragments take PyTorch's own.
+template <typename T>
+struct MmaElement {
+  using type = T;
+};
+
 }  // namespace ccnet_ops
 
 #include "../cc_kernels.cuh"
+#include "../cc_fused.cuh"
 
 namespace ccnet_ops {
 namespace {
@@ -98,6 +109,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::
                                                                       const at::Tensor& attn, int64_t max_blocks) {
   check_max_blocks(max_blocks, "cc_attention_backward");
   return launch_attention_backward(grad, query, key, value, attn, max_blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fused_emu(const at::Tensor& query, const at::Tensor& key,
+                                                       const at::Tensor& value, int64_t max_blocks) {
+  check_max_blocks(max_blocks, "cc_attention_fused");
+  return launch_fused_attention(query, key, value, max_blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fused_backward_emu(
+    const at::Tensor& grad, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, int64_t max_blocks) {
+  check_max_blocks(max_blocks, "cc_attention_fused_backward");
+  return launch_fused_attention_backward(grad, query, key, value, out, lse, max_blocks);
 }
 
 // A probe of the emulation itself: each block of kThreads reverses its slice of x through shared
@@ -137,12 +161,57 @@ at::Tensor reverse_blocks(const at::Tensor& x_in, const std::string& mode) {
   return out;
 }
 
+// A probe of the emulated WMMA: one warp multiplies a (16 x 16) and b (16 x 16), each given as it
+// lies in memory (row-major, or column-major: "col"), copied `offset` elements into a 256-bit
+// aligned buffer with a leading dimension of `ldm`, and stores the float32 product row-major.
+template <typename A, typename B>
+__global__ void wmma_probe_kernel(const at::BFloat16* a, const at::BFloat16* b, float* out, unsigned ldm) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, at::BFloat16, A> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, at::BFloat16, B> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sum;
+  wmma::fill_fragment(sum, 0.0f);
+  wmma::load_matrix_sync(fa, a, ldm);
+  wmma::load_matrix_sync(fb, b, ldm);
+  wmma::mma_sync(sum, fa, fb, sum);
+  wmma::store_matrix_sync(out, sum, 16, wmma::mem_row_major);
+}
+
+at::Tensor wmma_probe(const at::Tensor& a_in, const at::Tensor& b_in, const std::string& a_layout,
+                      const std::string& b_layout, int64_t offset, int64_t ldm) {
+  TORCH_CHECK_VALUE(a_in.sizes() == b_in.sizes() && a_in.sizes() == at::IntArrayRef({16, 16}),
+                    "cc_wmma_probe: a and b must be 16 x 16");
+  TORCH_CHECK_VALUE(offset >= 0 && ldm >= 16, "cc_wmma_probe: offset >= 0 and ldm >= 16");
+  const auto copy = [&](const at::Tensor& t) {  // 16 rows of ldm elements, 256-bit aligned, from `offset`
+    at::Tensor buffer = at::zeros({offset + 16 * ldm + 32}, t.options().dtype(at::kBFloat16));
+    const auto base = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+    const int64_t align = int64_t((32 - base % 32) % 32) / 2;
+    buffer.narrow(0, align + offset, 16 * ldm).view({16, ldm}).narrow(1, 0, 16).copy_(t);
+    return std::make_pair(buffer, buffer.const_data_ptr<at::BFloat16>() + align + offset);
+  };
+  const auto [a_buffer, a] = copy(a_in);
+  const auto [b_buffer, b] = copy(b_in);
+  at::Tensor out = at::empty({16, 16}, a_in.options().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  namespace wmma = nvcuda::wmma;
+  const bool a_row = a_layout == "row", b_row = b_layout == "row";
+  TORCH_CHECK_VALUE((a_row || a_layout == "col") && (b_row || b_layout == "col"), "cc_wmma_probe: layouts are row or col");
+  const auto u = static_cast<unsigned>(ldm);
+  if (a_row && b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::row_major, wmma::row_major>), 1, 32, a, b, o, u);
+  if (a_row && !b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::row_major, wmma::col_major>), 1, 32, a, b, o, u);
+  if (!a_row && b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::col_major, wmma::row_major>), 1, 32, a, b, o, u);
+  if (!a_row && !b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::col_major, wmma::col_major>), 1, 32, a, b, o, u);
+  return out;
+}
+
 // What a layout kernel launches for a feature map (N, C, H, W): [work, blocks, threads]. The
 // tiled kernels take a block per kTile x kTile tile (work = tiles): "pack" (cc_energy,
 // cc_attention and its backward; none for a single row), "unpack" (cc_aggregate,
 // cc_scatter, cc_attention and its backward) and transpose (of a C-channel map); the others a
 // thread per item (work = items): combine (one per output element, in whole tiles of x, y) and
-// softmax (one per pixel, cc_attention and its backward).
+// softmax (one per pixel, cc_attention and its backward); and the fused mode's line passes, a
+// block per (image, line, tile of kSpan pixels, chunk of the float32 output channels) (work =
+// those items): "line rows" and "line columns".
 std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t C, int64_t H, int64_t W,
                                    int64_t max_blocks) {
   check_max_blocks(max_blocks, "cc_launch_config");
@@ -151,6 +220,10 @@ std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t
                           : kernel == "pack" && H == 1 ? 0
                                                         : column_tiles(N, H, W);
     return {tiles, tiles ? tile_blocks(tiles, max_blocks) : 0, kThreads};
+  }
+  if (kernel == "line rows" || kernel == "line columns") {  // the fused mode's passes, float32, C output channels
+    const int64_t items = kernel == "line rows" ? line_pass_items<float>(N, H, W, C) : line_pass_items<float>(N, W, H, C);
+    return {items, tile_blocks(items, max_blocks), kThreads};
   }
   TORCH_CHECK_VALUE(kernel == "combine" || kernel == "softmax", "cc_launch_config: unknown kernel '", kernel, "'");
   const int64_t items = kernel == "softmax" ? N * H * W : combine_items(N, C, H, W);
@@ -166,9 +239,13 @@ TORCH_LIBRARY(ccnet_ops_emu, m) {
   m.def("cc_attention(Tensor query, Tensor key, Tensor value, int max_blocks) -> (Tensor, Tensor)");
   m.def("cc_attention_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor attn, "
         "int max_blocks) -> (Tensor, Tensor, Tensor)");
+  m.def("cc_attention_fused(Tensor query, Tensor key, Tensor value, int max_blocks) -> (Tensor, Tensor)");
+  m.def("cc_attention_fused_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+        "int max_blocks) -> (Tensor, Tensor, Tensor)");
   m.def("cc_launch_config(str kernel, int N, int C, int H, int W, int max_blocks) -> int[]",
         &launch_config);
   m.def("cc_reverse_blocks(Tensor x, str mode) -> Tensor", &reverse_blocks);
+  m.def("cc_wmma_probe(Tensor a, Tensor b, str a_layout, str b_layout, int offset, int ldm) -> Tensor", &wmma_probe);
 }
 
 TORCH_LIBRARY_IMPL(ccnet_ops_emu, CPU, m) {
@@ -177,6 +254,8 @@ TORCH_LIBRARY_IMPL(ccnet_ops_emu, CPU, m) {
   m.impl("cc_scatter", &scatter_emu);
   m.impl("cc_attention", &attention_emu);
   m.impl("cc_attention_backward", &attention_backward_emu);
+  m.impl("cc_attention_fused", &attention_fused_emu);
+  m.impl("cc_attention_fused_backward", &attention_fused_backward_emu);
 }
 
 }  // namespace ccnet_ops

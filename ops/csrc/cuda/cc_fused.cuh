@@ -1,0 +1,547 @@
+// Fused criss-cross attention on the GPU: the maths of ../../fused.py (the row pass and the column
+// pass each keep an online softmax, merged by their per-pixel (max, sum); the backward recomputes
+// the energies from the saved log-sum-exp) in kernels of ours, without the (N, H + W - 1, H, W)
+// attention map. Included after cc_kernels.cuh (its launch macros, tiles and transposes), by the
+// CUDA build and by the emulation, which runs these kernels' threads as fibers.
+//
+// Both passes are one kernel, line_pass_kernel, over "lines" of L pixels of a contiguous map in the
+// pass's layout (N, channels, lines, L): the rows of the NCHW maps (lines = H, L = W), and the rows
+// of their H/W-transposed copies (transpose_kernel) for the columns (lines = W, L = H), where the
+// pixel's own slot is left out, so that it is counted once. Within a line every pixel attends to
+// every other: a block owns a tile of kSpan pixels of one line and a chunk of the output's channels,
+// and walks the line's other pixels kSpan at a time:
+//   energies  E[i, j] = sum_c q[c, i] k[c, j]: a kSpan x kSpan tile through shared memory, kSpan
+//             channels at a time; each thread then takes kPairs of them (its pixel against kPairs
+//             others);
+//   weights   forward: the online softmax (running max m and sum s per own pixel, the partial sums
+//             rescaled by e^(m_old - m_new)); backward: P = exp(E - lse) and dE = P (dP - D) with
+//             dP[i, j] = sum_c dout[c, i] v[c, j], a second tile, and D = sum_c dout out per pixel;
+//   product   the weights times the chunk's channels of the other pixels (v, k, q or dout) in
+//             shared memory, each thread accumulating per_thread() channels of its own pixel in
+//             registers.
+// The four modes own a query (forward, dq: sums over keys) or a key (dk, dv: sums over queries).
+// Every load and store runs along the line (x in the NCHW maps, y in the transposed ones), kSpan
+// consecutive elements per warp; no atomics: every output element has one owner thread, and the
+// order of every sum is fixed, so results are deterministic. Energies and dP are rounded to the
+// inputs' dtype and the weights to the value's before they meet a map (the dtype contract of
+// ops/criss_cross.py), statistics and partial sums stay in float32 (float64).
+//
+// Forward (8 launches): the column pass on transposed maps writes its normalised output and
+// (max, sum) in float32; they are transposed back, and the row pass merges them into its own in
+// its epilogue and writes out and the log-sum-exp (N, H, W). Backward (16 launches): D, then
+// the column pass's three gradients in float32, transposed back and added by the row pass's.
+// Energies are computed once per chunk of 64 output channels (32 in float64): the price of
+// holding no map. fp16 and bf16 run the energy, dP and product tiles on the tensor cores (WMMA
+// fragments of 16 x 16 x 16 with float32 sums, 16-bit tiles in shared memory: mma_tile and the
+// product in line_pass_kernel); float32 and float64 run them as FMA on the CUDA cores (dot_tile).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace ccnet_ops {
+namespace {
+
+constexpr int kSpan = 32;                   // pixels of a line per tile, own and other
+static_assert(kSpan == kTile, "line_pass_items counts tiles with tiles_of");
+constexpr int kGroups = kThreads / kSpan;   // threads per own pixel
+constexpr int kPairs = kSpan / kGroups;     // pairs of an energy tile per thread
+static_assert(kThreads % kSpan == 0 && kSpan % kGroups == 0, "whole tiles per block");
+
+// Output channels per thread (in registers) and per block.
+template <typename acc_t>
+constexpr int per_thread() { return sizeof(acc_t) == 8 ? 4 : 8; }
+template <typename acc_t>
+constexpr int chunk_channels() { return per_thread<acc_t>() * kGroups; }
+
+__device__ __forceinline__ float cc_log(float x) { return ::logf(x); }
+__device__ __forceinline__ double cc_log(double x) { return ::log(x); }
+
+enum class LineMode { Forward, GradQuery, GradKey, GradValue };
+
+// fp16 and bf16 run their tiles on the tensor cores (WMMA: sm_80 on, and in the emulation); the
+// includer supplies MmaElement<scalar_t>::type, the element type of nvcuda::wmma for the dtype.
+template <typename scalar_t>
+constexpr bool uses_tensor_cores() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return false;
+#else
+  return sizeof(scalar_t) == 2;
+#endif
+}
+
+// What a line pass reads and writes; maps are contiguous (N, channels, lines, L), per-pixel
+// statistics (N, lines, L). Pointers a mode does not use are null.
+template <typename scalar_t, typename index_t>
+struct LineArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* q = nullptr;  // (N, Cq, lines, L)
+  const scalar_t* k = nullptr;
+  const scalar_t* v = nullptr;  // (N, C, lines, L)
+  const scalar_t* g = nullptr;  // the output's gradient, (N, C, lines, L)
+  const acc_t* lse = nullptr;   // backward: the merged log-sum-exp per pixel
+  const acc_t* delta = nullptr; // backward: D = sum_c dout out per pixel
+  // the other pass, in this pass's layout: forward, its normalised output and (max, sum);
+  // backward, its gradient (added)
+  const acc_t* other = nullptr;
+  const acc_t* other_max = nullptr;
+  const acc_t* other_sum = nullptr;
+  acc_t* partial = nullptr;      // a pass that is not the last: its result in acc_t
+  acc_t* partial_max = nullptr;  // forward: its (max, sum)
+  acc_t* partial_sum = nullptr;
+  scalar_t* out = nullptr;       // the last pass: the result in scalar_t
+  acc_t* out_lse = nullptr;      // forward: the log-sum-exp
+  index_t N = 0, Cq = 0, C = 0, lines = 0, L = 0;
+  bool skip_self = false;        // the column pass: a pixel is not its own key
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t rounded(acc_t x) {
+  return static_cast<acc_t>(static_cast<scalar_t>(x));
+}
+
+// The shared memory of a line pass on the CUDA cores: float32 (float64) tiles, rows padded by one
+// element against bank conflicts.
+template <typename acc_t>
+struct FmaTiles {
+  acc_t a[kSpan][kSpan + 1];                    // [channel][own pixel]
+  acc_t b[kSpan][kSpan + 1];                    // [channel][other pixel]
+  acc_t w[kSpan][kSpan + 1];                    // [own][other]: energies (forward) or weights
+  acc_t x[chunk_channels<acc_t>()][kSpan + 1];  // [channel of the chunk][other]
+};
+
+// ... and on the tensor cores (fp16 / bf16 operands in the inputs' dtype, float32 sums), laid out
+// as WMMA requires: every fragment starts 32-byte aligned, leading dimensions are multiples of 16
+// bytes (the 16-bit tiles' rows of 40 elements, the float32 ones' of 36 and 68).
+constexpr int kWarp = 32, kFrag = 16;  // WMMA's 16 x 16 x 16 fragments
+constexpr int kLd16 = kSpan + 8, kLdS = kSpan + 4, kChunk16 = 64, kLdO = kChunk16 + 4;
+static_assert(kThreads / kWarp == (kSpan / kFrag) * (kChunk16 / kFrag), "a warp per fragment of the product");
+struct MmaTiles {
+  alignas(32) uint16_t a[kSpan * kLd16];      // [channel][own], in the inputs' dtype
+  alignas(32) uint16_t b[kSpan * kLd16];      // [channel][other]
+  alignas(32) float s[kSpan * kLdS];          // [own][other]: energies, then the weights in float32
+  alignas(32) float d[kSpan * kLdS];          // [own][other]: dP
+  alignas(32) uint16_t w[kSpan * kLd16];      // [own][other]: the weights in the value's dtype
+  alignas(32) uint16_t x[kChunk16 * kLd16];   // [channel of the chunk][other]
+  alignas(32) float o[kSpan * kLdO];          // [own][channel of the chunk]: the tile's product
+};
+
+// e[j] += sum_c a[c, own0 + r] b[c, oth0 + grp * kPairs + j] over `channels` channels of two maps
+// of one line (channel stride `plane`), kSpan channels at a time through shared memory; pixels
+// beyond the line read as zero. Every thread of the block calls it (two barriers per step).
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ __forceinline__ void dot_tile(const scalar_t* a, const scalar_t* b, index_t channels, index_t plane,
+                                         index_t L, index_t own0, index_t oth0, FmaTiles<acc_t>& t,
+                                         acc_t (&e)[kPairs]) {
+  const index_t r = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
+  for (index_t c0 = 0; c0 < channels; c0 += kSpan) {
+    for (index_t c = grp; c < kSpan; c += kGroups) {
+      const bool in = c0 + c < channels;
+      t.a[c][r] = in && own0 + r < L ? static_cast<acc_t>(a[(c0 + c) * plane + own0 + r]) : acc_t(0);
+      t.b[c][r] = in && oth0 + r < L ? static_cast<acc_t>(b[(c0 + c) * plane + oth0 + r]) : acc_t(0);
+    }
+    __syncthreads();
+    for (int c = 0; c < kSpan; ++c) {
+      const acc_t x = t.a[c][r];
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) e[j] += x * t.b[c][grp * kPairs + j];
+    }
+    __syncthreads();
+  }
+}
+
+// The same kSpan x kSpan tile of products on the tensor cores, written to out [own][other] (kLdS)
+// in float32: warps 0-3 each own a 16 x 16 fragment, summed over the channels in steps of 16.
+// Every thread of the block calls it; out is complete after its last barrier.
+template <typename scalar_t, typename index_t>
+__device__ __forceinline__ void mma_tile(const scalar_t* a, const scalar_t* b, index_t channels, index_t plane,
+                                         index_t L, index_t own0, index_t oth0, MmaTiles& t, float* out) {
+  namespace wmma = nvcuda::wmma;
+  using T = typename MmaElement<scalar_t>::type;
+  const index_t r = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
+  const int warp = threadIdx.x / kWarp, fi = warp / 2 % 2 * kFrag, fj = warp % 2 * kFrag;
+  scalar_t* as = reinterpret_cast<scalar_t*>(t.a);
+  scalar_t* bs = reinterpret_cast<scalar_t*>(t.b);
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> sum;
+  wmma::fill_fragment(sum, 0.0f);
+  for (index_t c0 = 0; c0 < channels; c0 += kSpan) {
+    for (index_t c = grp; c < kSpan; c += kGroups) {
+      const bool in = c0 + c < channels;
+      as[c * kLd16 + r] = in && own0 + r < L ? a[(c0 + c) * plane + own0 + r] : scalar_t(0);
+      bs[c * kLd16 + r] = in && oth0 + r < L ? b[(c0 + c) * plane + oth0 + r] : scalar_t(0);
+    }
+    __syncthreads();
+    if (warp < 4) {  // A (own i, channel k) = as[k][i]: column-major; B (k, other j) = bs[k][j]: row-major
+      for (int k = 0; k < kSpan; k += kFrag) {
+        wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::col_major> fa;
+        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(as + k * kLd16 + fi), kLd16);
+        wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(bs + k * kLd16 + fj), kLd16);
+        wmma::mma_sync(sum, fa, fb, sum);
+      }
+    }
+    __syncthreads();
+  }
+  if (warp < 4) wmma::store_matrix_sync(out + fi * kLdS + fj, sum, kLdS, wmma::mem_row_major);
+  __syncthreads();
+}
+
+template <LineMode Mode, typename scalar_t, typename index_t>
+__global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kPer = per_thread<acc_t>(), kChunk = chunk_channels<acc_t>();
+  constexpr bool kOwnQuery = Mode == LineMode::Forward || Mode == LineMode::GradQuery;
+  constexpr bool kNeedsDp = Mode == LineMode::GradQuery || Mode == LineMode::GradKey;
+  constexpr acc_t kNone = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool kMma = uses_tensor_cores<scalar_t>();
+  static_assert(!kMma || kChunk == kChunk16, "the tensor-core tiles hold chunks of 64 channels");
+  using Tiles = std::conditional_t<kMma, MmaTiles, FmaTiles<acc_t>>;
+  __shared__ Tiles tiles_;
+  // [own][other]: the energies (forward) or the weights, in float32 (float64)
+  const auto weight = [&](index_t own_r, index_t other) -> acc_t& {
+    if constexpr (kMma) {
+      return tiles_.s[own_r * kLdS + other];
+    } else {
+      return tiles_.w[own_r][other];
+    }
+  };
+  const index_t r = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
+  const index_t L = a.L, plane = a.lines * L;
+  // the output's channels, and the map whose other pixels are summed into them
+  const index_t out_channels = Mode == LineMode::Forward || Mode == LineMode::GradValue ? a.C : a.Cq;
+  const index_t chunks = (out_channels + kChunk - 1) / kChunk, tiles = (L + kSpan - 1) / kSpan;
+  CC_FOR_EACH_TILE(index_t, item, a.N * a.lines * tiles * chunks) {
+    const index_t chunk = item % chunks, own0 = item / chunks % tiles * kSpan;
+    const index_t line = item / (chunks * tiles) % a.lines, n = item / (chunks * tiles * a.lines);
+    const index_t stats = (n * a.lines + line) * L;  // per-pixel statistics of the line
+    const auto line_of = [&](const scalar_t* map, index_t channels) { return map + n * channels * plane + line * L; };
+    const scalar_t* q = line_of(a.q, a.Cq);
+    const scalar_t* k = line_of(a.k, a.Cq);
+    const scalar_t* xs = Mode == LineMode::Forward     ? line_of(a.v, a.C)
+                         : Mode == LineMode::GradQuery ? k
+                         : Mode == LineMode::GradKey   ? q
+                                                       : line_of(a.g, a.C);
+    const index_t own = own0 + r, c_first = chunk * kChunk;
+    const bool own_in = own < L;
+    acc_t acc[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) acc[i] = 0;
+    acc_t run_max = kNone, run_sum = 0;  // forward
+    acc_t own_lse = 0, own_delta = 0;    // dq
+    if constexpr (Mode == LineMode::GradQuery) {
+      if (own_in) own_lse = a.lse[stats + own], own_delta = a.delta[stats + own];
+    }
+    for (index_t oth0 = 0; oth0 < L; oth0 += kSpan) {
+      acc_t e[kPairs] = {}, dp[kPairs] = {};
+      // dP[query, key] = sum_c dout[c, query] v[c, key]
+      const scalar_t* g = kNeedsDp ? line_of(a.g, a.C) : nullptr;
+      const scalar_t* v = kNeedsDp ? line_of(a.v, a.C) : nullptr;
+      if constexpr (kMma) {
+        mma_tile(kOwnQuery ? q : k, kOwnQuery ? k : q, a.Cq, plane, L, own0, oth0, tiles_, tiles_.s);
+        if constexpr (kNeedsDp) mma_tile(kOwnQuery ? g : v, kOwnQuery ? v : g, a.C, plane, L, own0, oth0, tiles_, tiles_.d);
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {  // this thread's pairs (read here, overwritten below by itself alone)
+          e[j] = tiles_.s[r * kLdS + grp * kPairs + j];
+          if constexpr (kNeedsDp) dp[j] = tiles_.d[r * kLdS + grp * kPairs + j];
+        }
+        scalar_t* xs16 = reinterpret_cast<scalar_t*>(tiles_.x);
+        for (index_t c = grp; c < kChunk; c += kGroups) {  // the chunk of the other pixels' channels
+          const bool in = c_first + c < out_channels && oth0 + r < L;
+          xs16[c * kLd16 + r] = in ? xs[(c_first + c) * plane + oth0 + r] : scalar_t(0);
+        }
+      } else {
+        dot_tile(kOwnQuery ? q : k, kOwnQuery ? k : q, a.Cq, plane, L, own0, oth0, tiles_, e);
+        if constexpr (kNeedsDp) dot_tile(kOwnQuery ? g : v, kOwnQuery ? v : g, a.C, plane, L, own0, oth0, tiles_, dp);
+        for (index_t c = grp; c < kChunk; c += kGroups) {  // the chunk of the other pixels' channels
+          const bool in = c_first + c < out_channels && oth0 + r < L;
+          tiles_.x[c][r] = in ? static_cast<acc_t>(xs[(c_first + c) * plane + oth0 + r]) : acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) {
+        const index_t oth = oth0 + grp * kPairs + j;
+        const bool pair = oth < L && !(a.skip_self && oth == own);
+        const acc_t energy = pair ? rounded<scalar_t>(e[j]) : kNone;
+        acc_t w = energy;  // forward: the energy, weighed below
+        if constexpr (Mode != LineMode::Forward) {
+          // the query's log-sum-exp and D: the own pixel's (dq), else the other's
+          const acc_t lse = kOwnQuery ? own_lse : (pair ? a.lse[stats + oth] : acc_t(0));
+          const acc_t delta = kOwnQuery ? own_delta : (pair ? a.delta[stats + oth] : acc_t(0));
+          const acc_t p = pair ? cc_exp(energy - lse) : acc_t(0);
+          if constexpr (Mode == LineMode::GradValue) {
+            w = rounded<scalar_t>(p);
+          } else {
+            w = rounded<scalar_t>(p * (rounded<scalar_t>(dp[j]) - delta));
+          }
+        }
+        weight(r, grp * kPairs + j) = w;
+      }
+      __syncthreads();
+      acc_t scale = 1, tile_max = kNone;
+      if constexpr (Mode == LineMode::Forward) {  // the online softmax of the own pixel
+        for (int j = 0; j < kSpan; ++j) tile_max = cc_max(tile_max, weight(r, j));
+        tile_max = cc_max(tile_max, run_max);
+        if (tile_max != kNone) scale = cc_exp(run_max - tile_max);  // 0 while nothing was seen
+        run_sum *= scale;
+        run_max = tile_max;
+      }
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] *= scale;
+      const bool seen = Mode != LineMode::Forward || tile_max != kNone;  // forward: a pair not masked, so far
+      if constexpr (kMma) {
+        // the weights of this thread's pairs in the value's dtype, then the product on the tensor
+        // cores: warp (fi, fc) owns rows fi of the own pixels and channels fc of the chunk
+        scalar_t* ws16 = reinterpret_cast<scalar_t*>(tiles_.w);
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+          const acc_t w = weight(r, grp * kPairs + j);
+          const acc_t p = Mode != LineMode::Forward ? w : seen ? cc_exp(w - tile_max) : acc_t(0);
+          ws16[r * kLd16 + grp * kPairs + j] = static_cast<scalar_t>(p);
+        }
+        if constexpr (Mode == LineMode::Forward) {  // every thread of the pixel sums all its weights
+          if (seen) {
+            for (int j = 0; j < kSpan; ++j) run_sum += cc_exp(weight(r, j) - tile_max);
+          }
+        }
+        __syncthreads();
+        namespace wmma = nvcuda::wmma;
+        using T = typename MmaElement<scalar_t>::type;
+        const int warp = threadIdx.x / kWarp, fi = warp / (kChunk16 / kFrag) * kFrag, fc = warp % (kChunk16 / kFrag) * kFrag;
+        wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> prod;
+        wmma::fill_fragment(prod, 0.0f);
+        for (int k = 0; k < kSpan; k += kFrag) {  // A (own, other k) = ws16[own][k]: row-major; B (k, channel) = x[channel][k]: column-major
+          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(ws16 + fi * kLd16 + k), kLd16);
+          wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(tiles_.x) + fc * kLd16 + k, kLd16);
+          wmma::mma_sync(prod, fa, fb, prod);
+        }
+        wmma::store_matrix_sync(tiles_.o + fi * kLdO + fc, prod, kLdO, wmma::mem_row_major);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) acc[i] += tiles_.o[r * kLdO + grp + i * kGroups];
+      } else if (seen) {
+        for (int j = 0; j < kSpan; ++j) {
+          acc_t w = weight(r, j);
+          if constexpr (Mode == LineMode::Forward) {
+            const acc_t p = cc_exp(w - tile_max);
+            run_sum += p;
+            w = rounded<scalar_t>(p);
+          }
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) acc[i] += w * tiles_.x[grp + i * kGroups][j];
+        }
+      }
+      // no barrier here: the weights, the chunk (and the product) are written again only after the
+      // next tile's energies have passed a barrier (dot_tile and mma_tile take at least one step:
+      // C' >= 1, checked), which every thread reaches once done reading them; the epilogue reads none
+    }
+    if (own_in) {
+      const index_t at = stats + own;  // the own pixel's statistics
+      acc_t keep = 1, merged = 1, total = 1;  // forward: out = (acc keep + other merged) / total
+      if constexpr (Mode == LineMode::Forward) {
+        if (a.out != nullptr && a.other != nullptr) {  // merged with the other pass by (max, sum)
+          const acc_t m = cc_max(run_max, a.other_max[at]);
+          keep = cc_exp(run_max - m);
+          merged = a.other_sum[at] * cc_exp(a.other_max[at] - m);
+          total = run_sum * keep + merged;
+          if (chunk == 0 && grp == 0) a.out_lse[at] = m + cc_log(total);
+        } else {
+          total = run_sum;
+          if (chunk == 0 && grp == 0) {
+            if (a.out != nullptr) {
+              a.out_lse[at] = run_max + cc_log(run_sum);
+            } else {
+              a.partial_max[at] = run_max;
+              a.partial_sum[at] = run_sum;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const index_t c = c_first + grp + i * kGroups;
+        if (c >= out_channels) break;
+        const index_t idx = (n * out_channels + c) * plane + line * L + own;
+        acc_t value = acc[i];
+        if constexpr (Mode == LineMode::Forward) {
+          if (a.out == nullptr) {
+            // the column pass's own softmax output; none where it saw no finite energy (every key
+            // at -inf: float16 energies beyond its range), which the merge then weighs 0
+            value = total > 0 ? value / total : acc_t(0);
+          } else {
+            value = (value * keep + (a.other != nullptr ? a.other[idx] * merged : acc_t(0))) / total;
+          }
+        } else if (a.other != nullptr) {
+          value += a.other[idx];
+        }
+        if (a.out != nullptr) {
+          a.out[idx] = static_cast<scalar_t>(value);
+        } else {
+          a.partial[idx] = value;
+        }
+      }
+    }
+  }
+}
+
+// D[n, p] = sum_c g[n, c, p] out[n, c, p] in acc_t, one thread per pixel p (coalesced along p).
+template <typename scalar_t, typename index_t>
+__global__ void delta_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ out,
+                             at::opmath_type<scalar_t>* __restrict__ delta, index_t N, index_t C, index_t P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  CC_FOR_EACH_ITEM(index_t, item, N * P) {
+    const index_t base = item / P * C * P + item % P;
+    acc_t sum = 0;
+    for (index_t c = 0; c < C; ++c) sum += static_cast<acc_t>(g[base + c * P]) * static_cast<acc_t>(out[base + c * P]);
+    delta[item] = sum;
+  }
+}
+
+// Blocks of one line pass: a block per (image, line, tile of the line, chunk of channels).
+template <typename acc_t>
+inline int64_t line_pass_items(int64_t N, int64_t lines, int64_t L, int64_t out_channels) {
+  return N * lines * tiles_of(L) * ((out_channels + chunk_channels<acc_t>() - 1) / chunk_channels<acc_t>());
+}
+
+template <typename T>
+const T* const_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mutable_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// The tensors of one line pass (undefined where the mode has none), in the pass's layout.
+struct LineTensors {
+  at::Tensor q, k, v, g, lse, delta, other, other_max, other_sum, partial, partial_max, partial_sum, out, out_lse;
+  bool skip_self = false;
+};
+
+template <LineMode Mode>
+void run_line_pass(const LineTensors& t, int64_t max_blocks) {
+  const int64_t N = t.q.size(0), Cq = t.q.size(1), lines = t.q.size(2), L = t.q.size(3);
+  const int64_t C = t.v.size(1), out_channels = Mode == LineMode::Forward || Mode == LineMode::GradValue ? C : Cq;
+  CC_DISPATCH(t.q.scalar_type(), "cc_line_pass_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t items = line_pass_items<acc_t>(N, lines, L, out_channels);
+    with_index_type(N * std::max(C, Cq) * lines * L + items, [&](auto index) {
+      using index_t = decltype(index);
+      LineArgs<scalar_t, index_t> args;
+      args.q = const_or_null<scalar_t>(t.q);
+      args.k = const_or_null<scalar_t>(t.k);
+      args.v = const_or_null<scalar_t>(t.v);
+      args.g = const_or_null<scalar_t>(t.g);
+      args.lse = const_or_null<acc_t>(t.lse);
+      args.delta = const_or_null<acc_t>(t.delta);
+      args.other = const_or_null<acc_t>(t.other);
+      args.other_max = const_or_null<acc_t>(t.other_max);
+      args.other_sum = const_or_null<acc_t>(t.other_sum);
+      args.partial = mutable_or_null<acc_t>(t.partial);
+      args.partial_max = mutable_or_null<acc_t>(t.partial_max);
+      args.partial_sum = mutable_or_null<acc_t>(t.partial_sum);
+      args.out = mutable_or_null<scalar_t>(t.out);
+      args.out_lse = mutable_or_null<acc_t>(t.out_lse);
+      args.N = index_t(N), args.Cq = index_t(Cq), args.C = index_t(C), args.lines = index_t(lines), args.L = index_t(L);
+      args.skip_self = t.skip_self;
+      auto kernel = line_pass_kernel<Mode, scalar_t, index_t>;
+      CC_LAUNCH_BLOCKS(kernel, tile_blocks(items, max_blocks), kThreads, args);
+    });
+  });
+}
+
+// (N, H, W) statistics seen as one-channel maps, to transpose with the C-channel ones.
+at::Tensor transposed_stats(const at::Tensor& s, int64_t max_blocks) {
+  return transposed(s.unsqueeze(1), max_blocks).squeeze(1);
+}
+
+// (out, log-sum-exp (N, H, W) in float32 / float64) from query, key (N, C', H, W) and value
+// (N, C, H, W), without the attention map.
+std::tuple<at::Tensor, at::Tensor> launch_fused_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                          const at::Tensor& v_in, int64_t max_blocks) {
+  check_attention_args(q_in, k_in, v_in, "cc_attention_fused");
+  CC_DEVICE_GUARD(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
+  const auto acc = v.options().dtype(at::toOpMathType(v.scalar_type()));
+  at::Tensor out = at::empty_like(v, at::MemoryFormat::Contiguous), lse = at::empty({N, H, W}, acc);
+  LineTensors rows{q, k, v};
+  rows.out = out, rows.out_lse = lse;
+  if (H > 1) {  // the column pass first, on the transposed maps; its results back in the rows' layout
+    LineTensors cols{transposed(q, max_blocks), transposed(k, max_blocks), transposed(v, max_blocks)};
+    cols.partial = at::empty({N, C, W, H}, acc);
+    cols.partial_max = at::empty({N, W, H}, acc);
+    cols.partial_sum = at::empty({N, W, H}, acc);
+    cols.skip_self = true;
+    run_line_pass<LineMode::Forward>(cols, max_blocks);
+    rows.other = transposed(cols.partial, max_blocks);
+    rows.other_max = transposed_stats(cols.partial_max, max_blocks);
+    rows.other_sum = transposed_stats(cols.partial_sum, max_blocks);
+  }  // the transposed maps and the column pass's own results are freed here
+  run_line_pass<LineMode::Forward>(rows, max_blocks);
+  return {out, lse};
+}
+
+// (dq, dk, dv) from the output's gradient, the inputs, and the output and log-sum-exp of
+// launch_fused_attention.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_fused_attention_backward(
+    const at::Tensor& g_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t max_blocks) {
+  const char* op = "cc_attention_fused_backward";
+  check_attention_args(q_in, k_in, v_in, op);
+  check_same_kind(g_in, "grad", v_in, "value", op);
+  check_same_kind(out_in, "out", v_in, "value", op);
+  TORCH_CHECK_VALUE(g_in.sizes() == v_in.sizes() && out_in.sizes() == v_in.sizes(), op, ": grad ", g_in.sizes(),
+                    " and out ", out_in.sizes(), " must have the shape of value ", v_in.sizes());
+  const int64_t N = v_in.size(0), C = v_in.size(1), H = v_in.size(2), W = v_in.size(3), Cq = q_in.size(1);
+  const at::ScalarType acc_type = at::toOpMathType(v_in.scalar_type());
+  const auto acc = v_in.options().dtype(acc_type);
+  TORCH_CHECK_VALUE(lse_in.device() == v_in.device() && lse_in.scalar_type() == acc_type &&
+                        lse_in.sizes() == at::IntArrayRef({N, H, W}),
+                    op, ": lse must be (N, H, W) = (", N, ", ", H, ", ", W, ") in ", acc_type, " on ",
+                    v_in.device(), ", got ", lse_in.sizes(), " in ", lse_in.scalar_type(), " on ", lse_in.device());
+  CC_DEVICE_GUARD(q_in.device());
+  const at::Tensor g = g_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor delta = at::empty({N, H, W}, acc);
+  CC_DISPATCH(v.scalar_type(), "cc_delta_cuda", [&] {
+    with_index_type(N * C * H * W, [&](auto index) {
+      using index_t = decltype(index);
+      auto kernel = delta_kernel<scalar_t, index_t>;
+      CC_LAUNCH(kernel, num_blocks(N * H * W, max_blocks), kThreads, g.const_data_ptr<scalar_t>(),
+                out.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<at::opmath_type<scalar_t>>(), index_t(N),
+                index_t(C), index_t(H * W));
+    });
+  });
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous), dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  LineTensors rows{q, k, v, g, lse, delta}, cols;
+  if (H > 1) {
+    cols = {transposed(q, max_blocks), transposed(k, max_blocks), transposed(v, max_blocks), transposed(g, max_blocks),
+            transposed_stats(lse, max_blocks), transposed_stats(delta, max_blocks)};
+    cols.skip_self = true;
+  }
+  // one gradient at a time, its column pass then its row pass, so that one float32 column result
+  // (and its transpose) is held at a time
+  const auto gradient = [&](auto mode, at::Tensor& result) {
+    constexpr LineMode kMode = decltype(mode)::value;
+    rows.other = at::Tensor();
+    if (H > 1) {
+      cols.partial = at::empty({N, result.size(1), W, H}, acc);
+      run_line_pass<kMode>(cols, max_blocks);
+      rows.other = transposed(cols.partial, max_blocks);
+      cols.partial = at::Tensor();
+    }
+    rows.out = result;
+    run_line_pass<kMode>(rows, max_blocks);
+  };
+  gradient(std::integral_constant<LineMode, LineMode::GradQuery>{}, dq);
+  gradient(std::integral_constant<LineMode, LineMode::GradKey>{}, dk);
+  gradient(std::integral_constant<LineMode, LineMode::GradValue>{}, dv);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace ccnet_ops
