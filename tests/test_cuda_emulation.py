@@ -348,6 +348,38 @@ def test_fused_attention_keeps_the_dtype_contract(emu, dtype, case):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], FUSED_CASES[-1]], ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_attention_on_both_tile_paths(emu, dtype, case):
+    """fp16 and bf16 run on the tensor-core tiles (WMMA) where the GPU has them (sm_80 on) and on
+    the CUDA-core tiles below: both within the op's tolerances of the float64 reference, the same
+    log-sum-exp bit for bit (the energies are exact products summed in the same order), and
+    outputs and gradients apart by less than one unit in the last place of the tensor's largest
+    value, in at most 1% of the elements (the tensor cores group a tile's sums before adding them
+    to the running ones; one tile per line: no difference)."""
+    q, k, v, g = attention_inputs(case, dtype, seed=9)
+    atol, rtol = TOLERANCE[dtype]
+    eps = torch.finfo(dtype).eps
+    with nan_filled_allocations():
+        paths = []
+        for tensor_cores in (True, False):
+            out, lse = emu.cc_attention_fused(q, k, v, case.max_blocks, tensor_cores)
+            paths.append((out, *emu.cc_attention_fused_backward(g, q, k, v, out, lse, case.max_blocks, tensor_cores),
+                          lse))
+    for got in paths:
+        for name, a, e in zip(("out", "dq", "dk", "dv", "lse"), got, fused_expected(q, k, v, g)):
+            torch.testing.assert_close(a.double(), e, atol=atol * float(e.abs().max().clamp(min=1)), rtol=rtol,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    wmma, cores = paths
+    assert torch.equal(wmma[-1], cores[-1]), "lse"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), wmma, cores):
+        apart = (a.double() - b.double()).abs()
+        assert float(apart.max()) <= eps * float(b.double().abs().max()), name
+        assert float((apart > 0).double().mean()) <= 0.01, name
+        if max(case.H, case.W) <= 32:
+            assert torch.equal(a, b), name
+
+
 def test_fused_attention_when_a_pass_has_no_finite_energy(emu):
     """float16 energies beyond its range are -inf: here every column energy of pixel (0, 0) (300 x
     -300), not its row's. The column pass then adds nothing (not 0 / 0), and the output and
@@ -360,10 +392,12 @@ def test_fused_attention_when_a_pass_has_no_finite_energy(emu):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_fused_attention_does_not_depend_on_the_grid(emu):
-    """The same bits whatever the grid: every output element has one owner and a fixed order of sums."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fused_attention_does_not_depend_on_the_grid(emu, dtype):
+    """The same bits whatever the grid: every output element has one owner and a fixed order of sums
+    (fp16 and bf16 on the tensor-core tiles)."""
     case = FUSED_CASES[-1]
-    q, k, v, g = attention_inputs(case, torch.float32, seed=6)
+    q, k, v, g = attention_inputs(case, dtype, seed=6)
     results = [run_fused(emu, q, k, v, g, cap) for cap in (1, 2, 7, REAL_CAP)]
     assert all(torch.equal(a, b) for r in results for a, b in zip(r, results[-1]))
 
@@ -481,12 +515,16 @@ def test_emulated_wmma_reads_each_layout(emu, a_layout, b_layout):
     assert torch.equal(out, a.float() @ b.float())
 
 
-@pytest.mark.parametrize(("offset", "ldm", "words"), [(1, 40, "not 256-bit aligned"), (0, 36, "multiple of 16 bytes")])
-def test_emulated_wmma_checks_its_documented_rules(emu, offset, ldm, words):
-    """WMMA needs a 256-bit aligned pointer and a leading dimension of a multiple of 16 bytes: 2
-    bytes off, or rows of 36 bf16 (72 bytes), raise instead of computing something."""
+@pytest.mark.parametrize(("offset", "ldm", "lanes", "words"), [
+    (1, 40, 32, "not 256-bit aligned"), (0, 36, 32, "multiple of 16 bytes"),
+    (0, 40, 16, "lanes of warp 0 in block 0 differ in their WMMA calls")])
+def test_emulated_wmma_checks_its_documented_rules(emu, offset, ldm, lanes, words):
+    """WMMA needs a 256-bit aligned pointer, a leading dimension of a multiple of 16 bytes, and the
+    whole warp: 2 bytes off, rows of 36 bf16 (72 bytes), or calls from 16 lanes raise instead of
+    computing something."""
     with pytest.raises(RuntimeError, match=words):
-        emu.cc_wmma_probe(torch.zeros(16, 16).bfloat16(), torch.zeros(16, 16).bfloat16(), "row", "row", offset, ldm)
+        emu.cc_wmma_probe(torch.zeros(16, 16).bfloat16(), torch.zeros(16, 16).bfloat16(), "row", "row", offset, ldm,
+                          lanes)
 
 
 # --- bad arguments ----------------------------------------------------------------------------

@@ -62,13 +62,15 @@ enum class LineMode { Forward, GradQuery, GradKey, GradValue };
 
 // fp16 and bf16 run their tiles on the tensor cores (WMMA: sm_80 on, and in the emulation); the
 // includer supplies MmaElement<scalar_t>::type, the element type of nvcuda::wmma for the dtype.
+// Device code for older GPUs leaves the WMMA calls out (mma.h has none below sm_70).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define CC_FUSED_WMMA 1
+#else
+#define CC_FUSED_WMMA 0
+#endif
 template <typename scalar_t>
 constexpr bool uses_tensor_cores() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  return false;
-#else
-  return sizeof(scalar_t) == 2;
-#endif
+  return CC_FUSED_WMMA && sizeof(scalar_t) == 2;
 }
 
 // What a line pass reads and writes; maps are contiguous (N, channels, lines, L), per-pixel
@@ -157,6 +159,7 @@ __device__ __forceinline__ void dot_tile(const scalar_t* a, const scalar_t* b, i
 template <typename scalar_t, typename index_t>
 __device__ __forceinline__ void mma_tile(const scalar_t* a, const scalar_t* b, index_t channels, index_t plane,
                                          index_t L, index_t own0, index_t oth0, MmaTiles& t, float* out) {
+#if CC_FUSED_WMMA
   namespace wmma = nvcuda::wmma;
   using T = typename MmaElement<scalar_t>::type;
   const index_t r = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
@@ -185,19 +188,45 @@ __device__ __forceinline__ void mma_tile(const scalar_t* a, const scalar_t* b, i
   }
   if (warp < 4) wmma::store_matrix_sync(out + fi * kLdS + fj, sum, kLdS, wmma::mem_row_major);
   __syncthreads();
+#endif
 }
 
-template <LineMode Mode, typename scalar_t, typename index_t>
+// out [own][channel of the chunk] (kLdO) = the weights ws [own][other] (kLd16) times the chunk
+// x [channel][other] (kLd16) on the tensor cores: warp (fi, fc) owns rows fi of the own pixels
+// and channels fc of the chunk. Every thread of the block calls it; out is complete after its
+// barrier.
+template <typename scalar_t>
+__device__ __forceinline__ void mma_product(const scalar_t* ws, const scalar_t* x, float* out) {
+#if CC_FUSED_WMMA
+  namespace wmma = nvcuda::wmma;
+  using T = typename MmaElement<scalar_t>::type;
+  const int warp = threadIdx.x / kWarp, fi = warp / (kChunk16 / kFrag) * kFrag, fc = warp % (kChunk16 / kFrag) * kFrag;
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> prod;
+  wmma::fill_fragment(prod, 0.0f);
+  for (int k = 0; k < kSpan; k += kFrag) {  // A (own, other k) = ws[own][k]: row-major; B (k, channel) = x[channel][k]: column-major
+    wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(ws + fi * kLd16 + k), kLd16);
+    wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(x + fc * kLd16 + k), kLd16);
+    wmma::mma_sync(prod, fa, fb, prod);
+  }
+  wmma::store_matrix_sync(out + fi * kLdO + fc, prod, kLdO, wmma::mem_row_major);
+#endif
+  __syncthreads();
+}
+
+// TensorCores false keeps fp16 / bf16 on the CUDA cores (the emulation compares both paths).
+template <LineMode Mode, bool TensorCores, typename scalar_t, typename index_t>
 __global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kPer = per_thread<acc_t>(), kChunk = chunk_channels<acc_t>();
   constexpr bool kOwnQuery = Mode == LineMode::Forward || Mode == LineMode::GradQuery;
   constexpr bool kNeedsDp = Mode == LineMode::GradQuery || Mode == LineMode::GradKey;
   constexpr acc_t kNone = -std::numeric_limits<acc_t>::infinity();
-  constexpr bool kMma = uses_tensor_cores<scalar_t>();
+  constexpr bool kMma = TensorCores && uses_tensor_cores<scalar_t>();
   static_assert(!kMma || kChunk == kChunk16, "the tensor-core tiles hold chunks of 64 channels");
   using Tiles = std::conditional_t<kMma, MmaTiles, FmaTiles<acc_t>>;
-  __shared__ Tiles tiles_;
+  CC_SHARED(Tiles, tiles_);
   // [own][other]: the energies (forward) or the weights, in float32 (float64)
   const auto weight = [&](index_t own_r, index_t other) -> acc_t& {
     if constexpr (kMma) {
@@ -290,8 +319,7 @@ __global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
       for (int i = 0; i < kPer; ++i) acc[i] *= scale;
       const bool seen = Mode != LineMode::Forward || tile_max != kNone;  // forward: a pair not masked, so far
       if constexpr (kMma) {
-        // the weights of this thread's pairs in the value's dtype, then the product on the tensor
-        // cores: warp (fi, fc) owns rows fi of the own pixels and channels fc of the chunk
+        // the weights of this thread's pairs in the value's dtype, then the product on the tensor cores
         scalar_t* ws16 = reinterpret_cast<scalar_t*>(tiles_.w);
 #pragma unroll
         for (int j = 0; j < kPairs; ++j) {
@@ -305,20 +333,7 @@ __global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
           }
         }
         __syncthreads();
-        namespace wmma = nvcuda::wmma;
-        using T = typename MmaElement<scalar_t>::type;
-        const int warp = threadIdx.x / kWarp, fi = warp / (kChunk16 / kFrag) * kFrag, fc = warp % (kChunk16 / kFrag) * kFrag;
-        wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> prod;
-        wmma::fill_fragment(prod, 0.0f);
-        for (int k = 0; k < kSpan; k += kFrag) {  // A (own, other k) = ws16[own][k]: row-major; B (k, channel) = x[channel][k]: column-major
-          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(ws16 + fi * kLd16 + k), kLd16);
-          wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(tiles_.x) + fc * kLd16 + k, kLd16);
-          wmma::mma_sync(prod, fa, fb, prod);
-        }
-        wmma::store_matrix_sync(tiles_.o + fi * kLdO + fc, prod, kLdO, wmma::mem_row_major);
-        __syncthreads();
+        mma_product(ws16, reinterpret_cast<const scalar_t*>(tiles_.x), tiles_.o);
 #pragma unroll
         for (int i = 0; i < kPer; ++i) acc[i] += tiles_.o[r * kLdO + grp + i * kGroups];
       } else if (seen) {
@@ -418,6 +433,7 @@ T* mutable_or_null(const at::Tensor& t) {
 struct LineTensors {
   at::Tensor q, k, v, g, lse, delta, other, other_max, other_sum, partial, partial_max, partial_sum, out, out_lse;
   bool skip_self = false;
+  bool tensor_cores = true;  // false: fp16 / bf16 on the CUDA cores (the emulation only)
 };
 
 template <LineMode Mode>
@@ -446,7 +462,15 @@ void run_line_pass(const LineTensors& t, int64_t max_blocks) {
       args.out_lse = mutable_or_null<acc_t>(t.out_lse);
       args.N = index_t(N), args.Cq = index_t(Cq), args.C = index_t(C), args.lines = index_t(lines), args.L = index_t(L);
       args.skip_self = t.skip_self;
-      auto kernel = line_pass_kernel<Mode, scalar_t, index_t>;
+#if defined(CC_EMULATED)
+      if (!t.tensor_cores) {
+        auto kernel = line_pass_kernel<Mode, false, scalar_t, index_t>;
+        CC_LAUNCH_BLOCKS(kernel, tile_blocks(items, max_blocks), kThreads, args);
+        return;
+      }
+#endif
+      TORCH_INTERNAL_ASSERT(t.tensor_cores, "cc_attention_fused: CUDA-core tiles for fp16 / bf16 are the emulation's");
+      auto kernel = line_pass_kernel<Mode, true, scalar_t, index_t>;
       CC_LAUNCH_BLOCKS(kernel, tile_blocks(items, max_blocks), kThreads, args);
     });
   });
@@ -459,8 +483,10 @@ at::Tensor transposed_stats(const at::Tensor& s, int64_t max_blocks) {
 
 // (out, log-sum-exp (N, H, W) in float32 / float64) from query, key (N, C', H, W) and value
 // (N, C, H, W), without the attention map.
+// tensor_cores false (the emulation only) keeps fp16 / bf16 on the CUDA cores.
 std::tuple<at::Tensor, at::Tensor> launch_fused_attention(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                          const at::Tensor& v_in, int64_t max_blocks) {
+                                                          const at::Tensor& v_in, int64_t max_blocks,
+                                                          bool tensor_cores = true) {
   check_attention_args(q_in, k_in, v_in, "cc_attention_fused");
   CC_DEVICE_GUARD(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -468,13 +494,13 @@ std::tuple<at::Tensor, at::Tensor> launch_fused_attention(const at::Tensor& q_in
   const auto acc = v.options().dtype(at::toOpMathType(v.scalar_type()));
   at::Tensor out = at::empty_like(v, at::MemoryFormat::Contiguous), lse = at::empty({N, H, W}, acc);
   LineTensors rows{q, k, v};
-  rows.out = out, rows.out_lse = lse;
+  rows.out = out, rows.out_lse = lse, rows.tensor_cores = tensor_cores;
   if (H > 1) {  // the column pass first, on the transposed maps; its results back in the rows' layout
     LineTensors cols{transposed(q, max_blocks), transposed(k, max_blocks), transposed(v, max_blocks)};
     cols.partial = at::empty({N, C, W, H}, acc);
     cols.partial_max = at::empty({N, W, H}, acc);
     cols.partial_sum = at::empty({N, W, H}, acc);
-    cols.skip_self = true;
+    cols.skip_self = true, cols.tensor_cores = tensor_cores;
     run_line_pass<LineMode::Forward>(cols, max_blocks);
     rows.other = transposed(cols.partial, max_blocks);
     rows.other_max = transposed_stats(cols.partial_max, max_blocks);
@@ -488,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> launch_fused_attention(const at::Tensor& q_in
 // launch_fused_attention.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_fused_attention_backward(
     const at::Tensor& g_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t max_blocks) {
+    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t max_blocks, bool tensor_cores = true) {
   const char* op = "cc_attention_fused_backward";
   check_attention_args(q_in, k_in, v_in, op);
   check_same_kind(g_in, "grad", v_in, "value", op);
@@ -523,6 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_fused_attention_backward(
             transposed_stats(lse, max_blocks), transposed_stats(delta, max_blocks)};
     cols.skip_self = true;
   }
+  rows.tensor_cores = cols.tensor_cores = tensor_cores;
   // one gradient at a time, its column pass then its row pass, so that one float32 column result
   // (and its transpose) is held at a time
   const auto gradient = [&](auto mode, at::Tensor& result) {

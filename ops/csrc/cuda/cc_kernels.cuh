@@ -64,6 +64,11 @@
 #include "../cc_index.h"
 #include "cc_gemm.h"
 
+// A variable in shared memory; the emulation fills it with NaN at the start of every block.
+#ifndef CC_SHARED
+#define CC_SHARED(type, name) __shared__ type name
+#endif
+
 namespace ccnet_ops {
 namespace {
 
@@ -117,7 +122,8 @@ template <typename scalar_t, typename index_t>
 __global__ void transpose_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, index_t planes,
                                  index_t H, index_t W) {
   using T = TileStorage<scalar_t>;
-  __shared__ double storage[T::kWords];
+  using Storage = double[T::kWords];
+  CC_SHARED(Storage, storage);
   scalar_t* tile = reinterpret_cast<scalar_t*>(storage);
   const index_t lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
   const index_t tiles_x = (W + kTile - 1) / kTile, tiles_y = (H + kTile - 1) / kTile;
@@ -146,7 +152,8 @@ template <bool Unpack, typename scalar_t, typename index_t>
 __global__ void move_columns_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, index_t N,
                                     index_t H, index_t W) {
   using T = TileStorage<scalar_t>;
-  __shared__ double storage[T::kWords];
+  using Storage = double[T::kWords];
+  CC_SHARED(Storage, storage);
   scalar_t* tile = reinterpret_cast<scalar_t*>(storage);
   const index_t L = H + W - 1, lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
   const index_t tiles_x = (W + kTile - 1) / kTile, tiles_k = (H + kTile - 1) / kTile;

@@ -13,8 +13,9 @@
 // kernel that reaches a barrier in some threads and ends in others (a divergent barrier,
 // undefined on the GPU) is an error here, and so is an exception in a thread (rethrown). __shared__ variables
 // are static, one instance per kernel for the block being run (thread_local: concurrent host
-// calls stay apart). There are no atomics and no warp-level primitives besides the WMMA
-// fragments below.
+// calls stay apart); those declared with CC_SHARED are filled with NaN at the start of every
+// block, as the GPU leaves shared memory undefined. There are no atomics and no warp-level
+// primitives besides the WMMA fragments below.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -24,6 +25,8 @@
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
+#include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -36,6 +39,9 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __shared__ static thread_local
+#define CC_SHARED(type, name) \
+  static thread_local type name; \
+  ::ccnet_ops::emulation::fresh_shared(name)
 // __restrict__ is a g++/clang keyword already; `#pragma unroll` is ignored (-Wno-unknown-pragmas).
 
 // blockIdx, threadIdx (uint3) and blockDim, gridDim (dim3) of CUDA: unsigned x, y, z.
@@ -71,12 +77,24 @@ struct Fiber {
   bool done = false;     // returned from the kernel
 };
 
+// A WMMA call as a lane made it: which operation, on what memory, with what leading dimension
+// and layout (the lanes of a warp must make the same calls).
+struct WmmaCall {
+  int op;
+  const void* pointer;
+  unsigned ldm;
+  int layout;
+  bool operator==(const WmmaCall&) const = default;
+};
+
 struct Block {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;  // thrown in a fiber, rethrown by the scheduler
+  std::vector<const void*> fresh;  // the shared variables filled with NaN for the block being run
+  std::vector<std::vector<WmmaCall>> wmma;  // per thread, since the last barrier
 };
 
 inline thread_local Block* running_block = nullptr;
@@ -103,6 +121,32 @@ struct RunningBlock {
   RunningBlock& operator=(const RunningBlock&) = delete;
 };
 
+// The lanes of each warp made the same WMMA calls since the last check (WMMA is warp-wide on the
+// GPU: a call from some lanes only, or with arguments that differ between lanes, is undefined).
+inline void check_wmma_calls(Block& block, unsigned int b) {
+  const size_t threads = block.wmma.size();
+  for (size_t t = 0; t < threads; ++t) {
+    const size_t first = t / 32 * 32;
+    TORCH_CHECK(block.wmma[t] == block.wmma[first], "emulation: the lanes of warp ", t / 32, " in block ", b,
+                " differ in their WMMA calls (lane ", t % 32, ": ", block.wmma[t].size(), " calls, lane 0: ",
+                block.wmma[first].size(), "); WMMA needs the whole warp, with the same arguments");
+  }
+  for (auto& calls : block.wmma) calls.clear();
+}
+
+// A variable in shared memory (cc_kernels.cuh's CC_SHARED): static, one per kernel for the block
+// being run, its bytes set to 0xff (NaN in every floating dtype) when the block's first thread
+// reaches its declaration, so that a read of what no thread of the block wrote shows.
+template <typename T>
+void fresh_shared(T& variable) {
+  Block* block = running_block;
+  TORCH_CHECK(block != nullptr, "emulation: shared memory in a kernel run by launch, not launch_blocks");
+  if (std::find(block->fresh.begin(), block->fresh.end(), &variable) == block->fresh.end()) {
+    block->fresh.push_back(&variable);
+    std::memset(static_cast<void*>(&variable), 0xff, sizeof(T));
+  }
+}
+
 // kernel<<<blocks, threads>>>(args...) for kernels that use shared memory and __syncthreads: the
 // threads of each block run as fibers, switched at every barrier; blocks one after another.
 template <typename... Params, typename... Args>
@@ -113,11 +157,13 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
   Block block;
   block.body = &body;
   block.fibers.resize(threads);
+  block.wmma.resize(threads);
   for (Fiber& f : block.fibers) f.stack.reset(new char[kFiberStack]);
   TORCH_CHECK(running_block == nullptr, "emulation: launch_blocks inside a running block");
   const RunningBlock scope(&block);
   for (unsigned int b = 0; b < blocks; ++b) {
     blockIdx = {b, 0, 0};
+    block.fresh.clear();
     for (Fiber& f : block.fibers) {
       TORCH_INTERNAL_ASSERT(getcontext(&f.context) == 0, "emulation: getcontext failed");
       f.context.uc_stack.ss_sp = f.stack.get();
@@ -142,6 +188,7 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
         waiting += f.waiting;
         done += f.done;
       }
+      check_wmma_calls(block, b);
       if (done == threads) break;
       TORCH_CHECK(waiting == threads, "emulation: a divergent __syncthreads in block ", b, ": ", waiting, " of ",
                   threads, " threads wait at it, ", done, " have returned");
@@ -156,9 +203,10 @@ void launch_blocks(void (*kernel)(Params...), unsigned int blocks, unsigned int 
 // memory, never looked into). On the GPU a fragment is spread over the registers of a warp's 32
 // threads in an unspecified layout and each operation is warp-wide; here every thread holds the
 // whole fragment and does each operation in full, which gives the same results for code that
-// calls them from whole warps with the same arguments. WMMA's documented requirements are
-// checked: a pointer aligned to 256 bits, and a leading dimension of a multiple of 16 bytes.
-// Products are summed in float32, in order along k.
+// calls them from whole warps with the same arguments. That, and WMMA's documented requirements,
+// are checked: every lane of a warp makes the same calls between barriers (in launch_blocks), with
+// a pointer aligned to 256 bits and a leading dimension of a multiple of 16 bytes. Products are
+// summed in float32, in order along k.
 namespace nvcuda {
 namespace wmma {
 
@@ -176,6 +224,14 @@ struct fragment {
   T x[rows * cols];  // (i, j) at x[i * cols + j]
 };
 
+enum WmmaOp { kLoadA, kLoadB, kStore, kFill, kMma };
+
+inline void record(WmmaOp op, const void* pointer = nullptr, unsigned ldm = 0, int layout = 0) {
+  using ccnet_ops::emulation::running_block;
+  TORCH_CHECK(running_block != nullptr, "emulation: WMMA in a kernel run by launch, not launch_blocks");
+  running_block->wmma[threadIdx.x].push_back({int(op), pointer, ldm, layout});
+}
+
 template <typename T>
 void check_operand(const T* p, unsigned ldm, const char* what) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0, "emulation: wmma::", what, " pointer ",
@@ -189,6 +245,7 @@ template <typename Use, int M, int N, int K, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>);
   check_operand(p, ldm, "load_matrix_sync");
+  record(std::is_same_v<Use, matrix_a> ? kLoadA : kLoadB, p, ldm, std::is_same_v<Layout, row_major>);
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int i = 0; i < F::rows; ++i)
     for (int j = 0; j < F::cols; ++j)
@@ -198,18 +255,21 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
   check_operand(p, ldm, "store_matrix_sync");
+  record(kStore, p, ldm, layout);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) (layout == mem_row_major ? p[i * ldm + j] : p[i + j * ldm]) = f.x[i * N + j];
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& value) {
+  record(kFill);
   for (T& e : f.x) e = value;
 }
 
 template <int M, int N, int K, typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  record(kMma);
   float out[M * N];
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {

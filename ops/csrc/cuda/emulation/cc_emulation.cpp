@@ -11,10 +11,12 @@
 //   cc_scatter(attention, feature, max_blocks)   like ccnet_ops::cc_scatter
 //   cc_attention(query, key, value, max_blocks)  like ccnet_ops::cc_attention (CUDA only there)
 //   cc_attention_backward(grad, query, key, value, attention, max_blocks)
-//   cc_attention_fused(query, key, value, max_blocks)   like ccnet_ops::cc_attention_fused (CUDA only there)
-//   cc_attention_fused_backward(grad, query, key, value, out, lse, max_blocks)
+//   cc_attention_fused(query, key, value, max_blocks, tensor_cores=True)   like ccnet_ops::cc_attention_fused
+//                                                (CUDA only there); tensor_cores False keeps fp16 / bf16
+//                                                on the CUDA-core tiles (the path of a build for sm_7x)
+//   cc_attention_fused_backward(grad, query, key, value, out, lse, max_blocks, tensor_cores=True)
 //   cc_reverse_blocks(x, mode)                   a probe of the emulated barriers (below)
-//   cc_wmma_probe(a, b, a_layout, b_layout, offset, ldm)   a probe of the emulated WMMA (below)
+//   cc_wmma_probe(a, b, a_layout, b_layout, offset, ldm, lanes=32)   a probe of the emulated WMMA (below)
 //   cc_launch_config(kernel, N, C, H, W, max_blocks) [tiles or items, blocks, threads] of a layout
 //                                                kernel ("pack", "unpack", "transpose", "combine",
 //                                                "softmax", "line rows" or "line columns")
@@ -30,6 +32,8 @@
 
 #include "../cc_gemm.h"
 #include "../cuda_emulation.h"
+
+#define CC_EMULATED 1  // cc_fused.cuh: fp16 / bf16 may take the CUDA-core tiles too, to compare the paths
 
 #define CC_DEVICE_GUARD(device) (void)(device)  // one host "device"
 #define CC_LAUNCH(kernel, blocks, threads, ...) \
@@ -112,16 +116,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_emu(const at::
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fused_emu(const at::Tensor& query, const at::Tensor& key,
-                                                       const at::Tensor& value, int64_t max_blocks) {
+                                                       const at::Tensor& value, int64_t max_blocks, bool tensor_cores) {
   check_max_blocks(max_blocks, "cc_attention_fused");
-  return launch_fused_attention(query, key, value, max_blocks);
+  return launch_fused_attention(query, key, value, max_blocks, tensor_cores);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fused_backward_emu(
     const at::Tensor& grad, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& lse, int64_t max_blocks) {
+    const at::Tensor& out, const at::Tensor& lse, int64_t max_blocks, bool tensor_cores) {
   check_max_blocks(max_blocks, "cc_attention_fused_backward");
-  return launch_fused_attention_backward(grad, query, key, value, out, lse, max_blocks);
+  return launch_fused_attention_backward(grad, query, key, value, out, lse, max_blocks, tensor_cores);
 }
 
 // A probe of the emulation itself: each block of kThreads reverses its slice of x through shared
@@ -163,10 +167,13 @@ at::Tensor reverse_blocks(const at::Tensor& x_in, const std::string& mode) {
 
 // A probe of the emulated WMMA: one warp multiplies a (16 x 16) and b (16 x 16), each given as it
 // lies in memory (row-major, or column-major: "col"), copied `offset` elements into a 256-bit
-// aligned buffer with a leading dimension of `ldm`, and stores the float32 product row-major.
+// aligned buffer with a leading dimension of `ldm`, and stores the float32 product row-major; only
+// the first `lanes` lanes of the warp make the calls (fewer than 32: undefined on a GPU, an error).
 template <typename A, typename B>
-__global__ void wmma_probe_kernel(const at::BFloat16* a, const at::BFloat16* b, float* out, unsigned ldm) {
+__global__ void wmma_probe_kernel(const at::BFloat16* a, const at::BFloat16* b, float* out, unsigned ldm,
+                                  unsigned lanes) {
   namespace wmma = nvcuda::wmma;
+  if (threadIdx.x >= lanes) return;
   wmma::fragment<wmma::matrix_a, 16, 16, 16, at::BFloat16, A> fa;
   wmma::fragment<wmma::matrix_b, 16, 16, 16, at::BFloat16, B> fb;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> sum;
@@ -178,7 +185,8 @@ __global__ void wmma_probe_kernel(const at::BFloat16* a, const at::BFloat16* b, 
 }
 
 at::Tensor wmma_probe(const at::Tensor& a_in, const at::Tensor& b_in, const std::string& a_layout,
-                      const std::string& b_layout, int64_t offset, int64_t ldm) {
+                      const std::string& b_layout, int64_t offset, int64_t ldm, int64_t lanes) {
+  TORCH_CHECK_VALUE(lanes >= 1 && lanes <= 32, "cc_wmma_probe: lanes in [1, 32]");
   TORCH_CHECK_VALUE(a_in.sizes() == b_in.sizes() && a_in.sizes() == at::IntArrayRef({16, 16}),
                     "cc_wmma_probe: a and b must be 16 x 16");
   TORCH_CHECK_VALUE(offset >= 0 && ldm >= 16, "cc_wmma_probe: offset >= 0 and ldm >= 16");
@@ -196,11 +204,11 @@ at::Tensor wmma_probe(const at::Tensor& a_in, const at::Tensor& b_in, const std:
   namespace wmma = nvcuda::wmma;
   const bool a_row = a_layout == "row", b_row = b_layout == "row";
   TORCH_CHECK_VALUE((a_row || a_layout == "col") && (b_row || b_layout == "col"), "cc_wmma_probe: layouts are row or col");
-  const auto u = static_cast<unsigned>(ldm);
-  if (a_row && b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::row_major, wmma::row_major>), 1, 32, a, b, o, u);
-  if (a_row && !b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::row_major, wmma::col_major>), 1, 32, a, b, o, u);
-  if (!a_row && b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::col_major, wmma::row_major>), 1, 32, a, b, o, u);
-  if (!a_row && !b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::col_major, wmma::col_major>), 1, 32, a, b, o, u);
+  const auto u = static_cast<unsigned>(ldm), n = static_cast<unsigned>(lanes);
+  if (a_row && b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::row_major, wmma::row_major>), 1, 32, a, b, o, u, n);
+  if (a_row && !b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::row_major, wmma::col_major>), 1, 32, a, b, o, u, n);
+  if (!a_row && b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::col_major, wmma::row_major>), 1, 32, a, b, o, u, n);
+  if (!a_row && !b_row) CC_LAUNCH_BLOCKS((wmma_probe_kernel<wmma::col_major, wmma::col_major>), 1, 32, a, b, o, u, n);
   return out;
 }
 
@@ -239,13 +247,15 @@ TORCH_LIBRARY(ccnet_ops_emu, m) {
   m.def("cc_attention(Tensor query, Tensor key, Tensor value, int max_blocks) -> (Tensor, Tensor)");
   m.def("cc_attention_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor attn, "
         "int max_blocks) -> (Tensor, Tensor, Tensor)");
-  m.def("cc_attention_fused(Tensor query, Tensor key, Tensor value, int max_blocks) -> (Tensor, Tensor)");
+  m.def("cc_attention_fused(Tensor query, Tensor key, Tensor value, int max_blocks, bool tensor_cores=True) -> "
+        "(Tensor, Tensor)");
   m.def("cc_attention_fused_backward(Tensor grad, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-        "int max_blocks) -> (Tensor, Tensor, Tensor)");
+        "int max_blocks, bool tensor_cores=True) -> (Tensor, Tensor, Tensor)");
   m.def("cc_launch_config(str kernel, int N, int C, int H, int W, int max_blocks) -> int[]",
         &launch_config);
   m.def("cc_reverse_blocks(Tensor x, str mode) -> Tensor", &reverse_blocks);
-  m.def("cc_wmma_probe(Tensor a, Tensor b, str a_layout, str b_layout, int offset, int ldm) -> Tensor", &wmma_probe);
+  m.def("cc_wmma_probe(Tensor a, Tensor b, str a_layout, str b_layout, int offset, int ldm, int lanes=32) -> Tensor",
+        &wmma_probe);
 }
 
 TORCH_LIBRARY_IMPL(ccnet_ops_emu, CPU, m) {
