@@ -221,7 +221,7 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  T x[rows * cols];  // (i, j) at x[i * cols + j]
+  float x[rows * cols];  // (i, j) at x[i * cols + j]; fp16 / bf16 elements are exact in float32
 };
 
 enum WmmaOp { kLoadA, kLoadB, kStore, kFill, kMma };
@@ -263,7 +263,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& value) {
   record(kFill);
-  for (T& e : f.x) e = value;
+  for (float& e : f.x) e = static_cast<float>(value);
 }
 
 template <int M, int N, int K, typename T, typename LA, typename LB>
@@ -274,7 +274,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {
       float sum = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) sum += static_cast<float>(a.x[i * K + k]) * static_cast<float>(b.x[k * N + j]);
+      for (int k = 0; k < K; ++k) sum += a.x[i * K + k] * b.x[k * N + j];
       out[i * N + j] = sum;
     }
   }
