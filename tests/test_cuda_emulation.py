@@ -306,7 +306,7 @@ SPAN, CHUNK = 32, 64  # kSpan and the float32 chunk of output channels of cc_fus
 def fused_expected(q, k, v, g):
     """out, dq, dk, dv by autograd of the reference in float64 on the (rounded) inputs, and each
     pixel's log-sum-exp over its H + W - 1 energies."""
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]  # detached: q, k, v stay as given
     out = reference.criss_cross_attention(*leaves)
     grads = torch.autograd.grad(out, leaves, g.double())
     lse = torch.logsumexp(reference.energy(q.double(), k.double()), dim=1)
