@@ -301,6 +301,7 @@ FUSED_CASES = CASES + [
     Case("channels in chunks, lines in tiles", 1, 70, 40, 35, 3),
 ]
 SPAN, CHUNK = 32, 64  # kSpan and the float32 chunk of output channels of cc_fused.cuh
+DELTA_GROUPS = THREADS // SPAN  # kDeltaGroups: the warps of delta_kernel, each summing every 8th channel
 
 
 def fused_expected(q, k, v, g):
@@ -426,6 +427,14 @@ def test_fused_cases_reach_the_launch_edges(emu):
         assert any(getattr(c, along) > SPAN and getattr(c, along) % SPAN and c.C + 2 > CHUNK for c in FUSED_CASES)
     assert any(c.H == 1 for c in FUSED_CASES) and any(c.W == 1 for c in FUSED_CASES)
     assert any(c.C > SPAN for c in FUSED_CASES)  # energies over more than one 32-channel step
+    # the backward's D: a block per tile of 32 pixels of all images, its 8 warps each summing every
+    # 8th of the C + 2 output channels
+    assert emu.cc_launch_config("delta", 2, 72, 40, 35, 3) == [-(-2 * 40 * 35 // SPAN), 3, THREADS]
+    delta = {c.name: emu.cc_launch_config("delta", c.N, c.C + 2, c.H, c.W, c.max_blocks) for c in FUSED_CASES}
+    assert any(tiles >= 5 * blocks for tiles, blocks, _ in delta.values())  # blocks loop over tiles
+    assert any(c.N > 1 and c.H * c.W % SPAN for c in FUSED_CASES)  # a tile holds pixels of two images
+    assert any((c.C + 2) % DELTA_GROUPS for c in FUSED_CASES)  # warps with one channel fewer
+    assert any(c.C + 2 < DELTA_GROUPS for c in FUSED_CASES)  # warps with no channel
 
 
 # --- the launch configurations the cases reach ------------------------------------------------

@@ -401,16 +401,38 @@ __global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
   }
 }
 
-// D[n, p] = sum_c g[n, c, p] out[n, c, p] in acc_t, one thread per pixel p (coalesced along p).
+// D[n, p] = sum_c g[n, c, p] out[n, c, p] in acc_t. A block takes kSpan pixels at a time (a warp's
+// lanes, coalesced along p), its kThreads / kSpan warps each summing every (kThreads / kSpan)-th
+// channel; the warps' partial sums are then added in warp order (deterministic). Grid-stride over
+// tiles of pixels, the same trip count for every thread of a block (its barriers reached by all).
+constexpr int kDeltaGroups = kThreads / kSpan;
+
+inline int64_t delta_tiles(int64_t N, int64_t P) { return (N * P + kSpan - 1) / kSpan; }
+
 template <typename scalar_t, typename index_t>
 __global__ void delta_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ out,
                              at::opmath_type<scalar_t>* __restrict__ delta, index_t N, index_t C, index_t P) {
   using acc_t = at::opmath_type<scalar_t>;
-  CC_FOR_EACH_ITEM(index_t, item, N * P) {
-    const index_t base = item / P * C * P + item % P;
+  using Partial = acc_t[kDeltaGroups][kSpan];
+  CC_SHARED(Partial, partial_);
+  const index_t lane = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
+  const index_t tiles = (N * P + kSpan - 1) / kSpan;
+  for (index_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const index_t item = tile * kSpan + lane;
     acc_t sum = 0;
-    for (index_t c = 0; c < C; ++c) sum += static_cast<acc_t>(g[base + c * P]) * static_cast<acc_t>(out[base + c * P]);
-    delta[item] = sum;
+    if (item < N * P) {
+      const index_t base = item / P * C * P + item % P;
+      for (index_t c = grp; c < C; c += kDeltaGroups)
+        sum += static_cast<acc_t>(g[base + c * P]) * static_cast<acc_t>(out[base + c * P]);
+    }
+    partial_[grp][lane] = sum;
+    __syncthreads();
+    if (grp == 0 && item < N * P) {
+      acc_t total = partial_[0][lane];
+      for (int j = 1; j < kDeltaGroups; ++j) total += partial_[j][lane];
+      delta[item] = total;
+    }
+    __syncthreads();  // the next tile's partial sums overwrite these
   }
 }
 
@@ -536,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_fused_attention_backward(
     with_index_type(N * C * H * W, [&](auto index) {
       using index_t = decltype(index);
       auto kernel = delta_kernel<scalar_t, index_t>;
-      CC_LAUNCH(kernel, num_blocks(N * H * W, max_blocks), kThreads, g.const_data_ptr<scalar_t>(),
+      CC_LAUNCH_BLOCKS(kernel, tile_blocks(delta_tiles(N, H * W), max_blocks), kThreads, g.const_data_ptr<scalar_t>(),
                 out.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<at::opmath_type<scalar_t>>(), index_t(N),
                 index_t(C), index_t(H * W));
     });

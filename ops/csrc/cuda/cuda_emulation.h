@@ -84,7 +84,10 @@ struct WmmaCall {
   const void* pointer;
   unsigned ldm;
   int layout;
-  bool operator==(const WmmaCall&) const = default;
+  // spelled out: PyTorch before 2.12 builds extensions as C++17, where `= default` is not allowed
+  bool operator==(const WmmaCall& other) const {
+    return op == other.op && pointer == other.pointer && ldm == other.ldm && layout == other.layout;
+  }
 };
 
 struct Block {

@@ -19,7 +19,7 @@
 //   cc_wmma_probe(a, b, a_layout, b_layout, offset, ldm, lanes=32)   a probe of the emulated WMMA (below)
 //   cc_launch_config(kernel, N, C, H, W, max_blocks) [tiles or items, blocks, threads] of a layout
 //                                                kernel ("pack", "unpack", "transpose", "combine",
-//                                                "softmax", "line rows" or "line columns")
+//                                                "softmax", "line rows", "line columns" or "delta")
 // A small max_blocks makes every thread run its grid-stride loop many times.
 #include <torch/library.h>
 
@@ -219,7 +219,8 @@ at::Tensor wmma_probe(const at::Tensor& a_in, const at::Tensor& b_in, const std:
 // thread per item (work = items): combine (one per output element, in whole tiles of x, y) and
 // softmax (one per pixel, cc_attention and its backward); and the fused mode's line passes, a
 // block per (image, line, tile of kSpan pixels, chunk of the float32 output channels) (work =
-// those items): "line rows" and "line columns".
+// those items): "line rows" and "line columns"; and the backward's D, a block per tile of kSpan
+// pixels (work = tiles): "delta".
 std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t C, int64_t H, int64_t W,
                                    int64_t max_blocks) {
   check_max_blocks(max_blocks, "cc_launch_config");
@@ -232,6 +233,10 @@ std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t
   if (kernel == "line rows" || kernel == "line columns") {  // the fused mode's passes, float32, C output channels
     const int64_t items = kernel == "line rows" ? line_pass_items<float>(N, H, W, C) : line_pass_items<float>(N, W, H, C);
     return {items, tile_blocks(items, max_blocks), kThreads};
+  }
+  if (kernel == "delta") {
+    const int64_t tiles = delta_tiles(N, H * W);
+    return {tiles, tile_blocks(tiles, max_blocks), kThreads};
   }
   TORCH_CHECK_VALUE(kernel == "combine" || kernel == "softmax", "cc_launch_config: unknown kernel '", kernel, "'");
   const int64_t items = kernel == "softmax" ? N * H * W : combine_items(N, C, H, W);
