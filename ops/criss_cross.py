@@ -184,8 +184,9 @@ def _compiled_serves(device: torch.device) -> bool:
 # 3 and 4 and 0.95x at 6; at 2 it takes 0.54x the memory for 1.77x the time (nothing measured
 # between 0.75 and 2), at a whole Cityscapes image (0.75) 0.91x for 2.54x, and at the paper's
 # shape (0.38) 1.14x for 3.26x: 3 keeps the faster map where the fused mode saves little memory.
-# On CUDA the same threshold applies. An H100 timed the fused kernels only below it (1.3x-3.3x the
-# map's time at 0.38 and 0.75 slots per channel, 2026-11-27), not at the shapes it takes them for.
+# On CUDA the same threshold applies. An H100 timed the fused kernels only below it (2026-11-27):
+# 1.3x-3.3x the map's time at 0.38 and 0.75 slots per channel, 0.63x-0.69x at 0.51 (a small,
+# launch-bound shape); not at the shapes it takes them for.
 FUSED_SLOTS_PER_CHANNEL = 3.0
 
 

@@ -28,7 +28,8 @@ from .extension import CSRC, BuildError, cache_root, check_runtime, cxx, runtime
 
 LIBRARY = "ccnet_ops_emu"
 SOURCE = CSRC / "cuda" / "emulation" / "cc_emulation.cpp"
-# No -std: cpp_extension passes the standard PyTorch's headers need (C++20 for torch 2.10+).
+# No -std: cpp_extension passes the standard PyTorch's headers need (C++17 with torch 2.11,
+# C++20 with 2.14), so the emulation's sources keep to C++17.
 # -Wno-unknown-pragmas: g++ does not know the kernels' `#pragma unroll`.
 CXX_FLAGS = ["-O2", "-Wall", "-Wno-unknown-pragmas"]
 

@@ -26,12 +26,11 @@ echo "GPU: $gpu -> $out"
 
 { date -u; nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"; c++ --version | head -1; } \
   2>&1 | tee "$out/device.txt"
-stage "build"
-timeout 400 $PY -m ops.build --cuda 2>&1 | tee "$out/build.txt"
 failed=""  # a failing part is recorded and the rest still runs; the script fails at the end
 if $PY -c "import ray, mlflow" 2>/dev/null; then pipeline=1; else pipeline=0; fi
 # The packages the GPU parts import besides Ray and MLflow (the model, its config, the op's build
-# lock). A missing one is named here and fails the script, but the parts that do not need it run.
+# and its lock). A missing one is named here and fails the script, but the parts that do not need
+# it run.
 missing=$($PY -c "
 import importlib.util
 need = {'omegaconf': 'omegaconf', 'yaml': 'pyyaml', 'numpy': 'numpy', 'filelock': 'filelock', 'ninja': 'ninja'}
@@ -40,31 +39,34 @@ if [ -n "$missing" ]; then
   echo "MISSING Python packages: $missing (pip install -e . installs them; the tests and benchmarks that import them fail below)"
   failed="$failed missing-packages($missing)"
 fi
+stage "build"
+# nothing below runs without the op: a failed or timed-out build ends the script here
+timeout -k 30 600 $PY -m ops.build --cuda 2>&1 | tee "$out/build.txt" || { echo "FAILED: build$failed"; exit 1; }
 stage "GPU tests"
 (
   rc=0
   if [ $pipeline = 1 ]; then
-    timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ || rc=1
+    timeout -k 30 300 $PY -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ || rc=1
   else
     echo "NOT RUN (Ray and MLflow are not installed here), the GPU tests that run the pipeline:"
     $PY -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_gpu_path.py -k through_the_pipeline
-    timeout 300 $PY -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m gpu tests/test_ops.py tests/test_fused.py \
+    timeout -k 30 300 $PY -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m gpu tests/test_ops.py tests/test_fused.py \
       tests/test_mixed_precision.py tests/test_gpu_path.py -k "not through_the_pipeline" || rc=1
   fi
   exit $rc
 ) 2>&1 | tee "$out/tests.txt" || failed="$failed tests"
 
 stage "ops.bench"
-timeout 240 $PY -m ops.bench --device cuda --dtype float32 --dtype bfloat16 --dtype float16 --out "$out/bench.md" || failed="$failed bench"
+timeout -k 30 240 $PY -m ops.bench --device cuda --dtype float32 --dtype bfloat16 --dtype float16 --out "$out/bench.md" || failed="$failed bench"
 small="$PY -m ops.bench --device cuda --shape small --dtype float32 --dtype float16 --dtype bfloat16 --repeat 1 --warmup 0"
 stage "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 $small > "$out/memcheck.txt" 2>&1 || failed="$failed memcheck"
+  timeout -k 30 300 compute-sanitizer --tool memcheck --error-exitcode 1 $small > "$out/memcheck.txt" 2>&1 || failed="$failed memcheck"
   tail -n 20 "$out/memcheck.txt"
   # the tiled layout kernels share memory between a block's threads: hazards and barrier misuse, in
   # our kernels only (kernel names holding ccnet_ops; cuBLAS's and PyTorch's run uninstrumented)
   for tool in racecheck synccheck; do
-    timeout 150 compute-sanitizer --tool $tool --kernel-name kns=ccnet_ops --error-exitcode 1 $small > "$out/$tool.txt" 2>&1 \
+    timeout -k 30 300 compute-sanitizer --tool $tool --kernel-name kns=ccnet_ops --error-exitcode 1 $small > "$out/$tool.txt" 2>&1 \
       || failed="$failed $tool"
     tail -n 5 "$out/$tool.txt"
   done
@@ -73,7 +75,7 @@ else
 fi
 
 stage "profile"
-timeout 120 $PY - <<'PY' 2>&1 | tee "$out/profile.txt" || failed="$failed profile"
+timeout -k 30 180 $PY - <<'PY' 2>&1 | tee "$out/profile.txt" || failed="$failed profile"
 import torch
 import ops
 from torch.profiler import ProfilerActivity, profile
@@ -89,24 +91,25 @@ for dtype in (torch.float32, torch.bfloat16):
             ops.criss_cross_attention(q, k, v, fused=fused).sum().backward()
             torch.cuda.synchronize()
         print(f"== {dtype}, (2, 64/512, 97, 97), fused={fused}, forward + backward")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 PY
 
+stage "ops.bench, a whole Cityscapes image"
 # the head on a whole 1024 x 2048 Cityscapes image: the fused mode's memory and its HBM floor
-timeout 180 $PY -m ops.bench --device cuda --shape "cityscapes full" --dtype float32 --dtype bfloat16 --repeat 10 \
+timeout -k 30 180 $PY -m ops.bench --device cuda --shape "cityscapes full" --dtype float32 --dtype bfloat16 --repeat 10 \
   --out "$out/bench_full_res.md" || failed="$failed bench_full_res"
 
 # The training step alone, compiled op against the reference (no Ray, no MLflow).
 stage "step_bench"
-timeout 180 $PY -m pipeline.step_bench --device cuda --out "$out/step_resnet18.md" --steps 10 --rounds 3 \
+timeout -k 30 180 $PY -m pipeline.step_bench --device cuda --out "$out/step_resnet18.md" --steps 10 --rounds 3 \
   model.backbone=resnet18 train.amp=bf16 train.batch_size=8 train.crop=512 2>&1 | tee "$out/step_resnet18.txt" || failed="$failed step_resnet18"
-timeout 180 $PY -m pipeline.step_bench --device cuda --out "$out/step_resnet101.md" --steps 5 --rounds 3 \
+timeout -k 30 180 $PY -m pipeline.step_bench --device cuda --out "$out/step_resnet101.md" --steps 5 --rounds 3 \
   model.backbone=resnet101 train.amp=bf16 train.batch_size=2 train.crop=769 2>&1 | tee "$out/step_resnet101.txt" || failed="$failed step_resnet101"
 
 # A short GPU training, compiled op against the reference (pipeline.bench: a temporary run
 # directory and MLflow database, nothing written to the user's).
 if [ $pipeline = 1 ]; then
-$PY -m pipeline.bench --compare-reference --out "$out/training.md" \
+timeout -k 30 600 $PY -m pipeline.bench --compare-reference --out "$out/training.md" \
   model.backbone=resnet18 scaling.use_gpu=true scaling.num_workers=1 scaling.cpus_per_worker=4 \
   train.amp=bf16 train.iterations=100 train.log_every=20 train.val_every=100 train.batch_size=8 \
   train.crop=256 data.synthetic_size=256 data.synthetic_train=128 data.synthetic_val=8 2>&1 | tee "$out/training.txt" || failed="$failed training"
@@ -118,14 +121,12 @@ fi
 # 2.11, before the op libraries named the shared libstdc++ to the linker) must not hide the rest.
 stage "host emulation"
 (
+  # built once first: a build error is reported once, not by every test
+  $PY -c "from ops.emulation import load_emulation; load_emulation()" || exit 1
   rc=0
-  par=""
-  if $PY -c "import xdist" 2>/dev/null; then
-    $PY -c "from ops.emulation import load_emulation; load_emulation()" || rc=1  # built once, before the workers
-    par="-n 8"
-  fi
-  timeout 400 $PY -m pytest -q -p no:cacheprovider $par tests/test_cuda_emulation.py -k "not bad_arguments" || rc=1
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py -k "bad_arguments" || rc=1
+  if $PY -c "import xdist" 2>/dev/null; then par="-n 8" limit=600; else par="" limit=1800; fi  # one process: many times as long
+  timeout -k 30 $limit $PY -m pytest -q -p no:cacheprovider $par tests/test_cuda_emulation.py -k "not bad_arguments" || rc=1
+  timeout -k 30 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_emulation.py -k "bad_arguments" || rc=1
   exit $rc
 ) 2>&1 | tee "$out/emulation.txt" || failed="$failed emulation"
 stage "done"

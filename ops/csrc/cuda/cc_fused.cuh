@@ -543,7 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_fused_attention_backward(
   check_same_kind(out_in, "out", v_in, "value", op);
   TORCH_CHECK_VALUE(g_in.sizes() == v_in.sizes() && out_in.sizes() == v_in.sizes(), op, ": grad ", g_in.sizes(),
                     " and out ", out_in.sizes(), " must have the shape of value ", v_in.sizes());
-  const int64_t N = v_in.size(0), C = v_in.size(1), H = v_in.size(2), W = v_in.size(3), Cq = q_in.size(1);
+  const int64_t N = v_in.size(0), C = v_in.size(1), H = v_in.size(2), W = v_in.size(3);
   const at::ScalarType acc_type = at::toOpMathType(v_in.scalar_type());
   const auto acc = v_in.options().dtype(acc_type);
   TORCH_CHECK_VALUE(lse_in.device() == v_in.device() && lse_in.scalar_type() == acc_type &&

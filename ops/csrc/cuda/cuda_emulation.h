@@ -84,7 +84,7 @@ struct WmmaCall {
   const void* pointer;
   unsigned ldm;
   int layout;
-  // spelled out: PyTorch before 2.12 builds extensions as C++17, where `= default` is not allowed
+  // spelled out: PyTorch 2.11 built this as C++17 (seen on an H100 machine), where `= default` is not allowed
   bool operator==(const WmmaCall& other) const {
     return op == other.op && pointer == other.pointer && ldm == other.ldm && layout == other.layout;
   }
