@@ -559,8 +559,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_fused_attention_backward(
       using index_t = decltype(index);
       auto kernel = delta_kernel<scalar_t, index_t>;
       CC_LAUNCH_BLOCKS(kernel, tile_blocks(delta_tiles(N, H * W), max_blocks), kThreads, g.const_data_ptr<scalar_t>(),
-                out.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<at::opmath_type<scalar_t>>(), index_t(N),
-                index_t(C), index_t(H * W));
+                       out.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                       index_t(N), index_t(C), index_t(H * W));
     });
   });
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous), dk = at::empty_like(k, at::MemoryFormat::Contiguous);

@@ -84,7 +84,8 @@ struct WmmaCall {
   const void* pointer;
   unsigned ldm;
   int layout;
-  // spelled out: PyTorch 2.11 built this as C++17 (seen on an H100 machine), where `= default` is not allowed
+  // spelled out: PyTorch 2.11 builds extensions as C++17 (seen on an H100 machine), where a
+  // defaulted comparison is not allowed
   bool operator==(const WmmaCall& other) const {
     return op == other.op && pointer == other.pointer && ldm == other.ldm && layout == other.layout;
   }
