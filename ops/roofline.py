@@ -207,28 +207,31 @@ def _kernel_rows(ks: list[Kernel], path: str, names: list[str]) -> list[str]:
     return lines
 
 
+def _total_row(ks: list[Kernel], total: dict[str, float], names: list[str],
+               hbm: dict[str, float] | None = None) -> str:
+    """The table's total: MB, GFLOP and the floor on each GPU (with the HBM floor, if given)."""
+    cells = [f"**{total[n] * 1e6:.1f}**" + (f" ({hbm[n] * 1e6:.1f})" if hbm else "") for n in names]
+    label = "**total** (HBM alone)" if hbm else "**total**"
+    return (f"| {label} | {sum(k.bytes for k in ks) / 1e6:.2f} | {sum(k.flops for k in ks) / 1e9:.3f} | "
+            + " | ".join(cells) + " |")
+
+
 def table(shape: tuple[int, int, int, int, int], dtype: str, tf32: bool = False) -> str:
     path = math_path(dtype, tf32)
     ks = kernels(*shape, dtype)
     names = list(GPUS)
     lines = [(f"criss-cross attention on CUDA, forward + backward: (N, C', C, H, W) = {shape}, {dtype} "
               f"(GEMMs on {path})"), "", *_kernel_rows(ks, path, names)]
-    total = floors(shape, dtype, tf32)
-    lines.append(f"| **total** | {sum(k.bytes for k in ks) / 1e6:.2f} | {sum(k.flops for k in ks) / 1e9:.3f} | "
-                 + " | ".join(f"**{total[n] * 1e6:.1f}**" for n in names) + " |")
+    lines.append(_total_row(ks, floors(shape, dtype, tf32), names))
     fused = fused_kernels(*shape, dtype)
     lines += ["", "the fused mode (no attention map through HBM):", "", *_kernel_rows(fused, path, names)]
-    total, hbm = floors(shape, dtype, tf32, fused=True), hbm_floors(shape, dtype, fused=True)
-    lines.append(f"| **total** (HBM alone) | {sum(k.bytes for k in fused) / 1e6:.2f} | "
-                 f"{sum(k.flops for k in fused) / 1e9:.3f} | "
-                 + " | ".join(f"**{total[n] * 1e6:.1f}** ({hbm[n] * 1e6:.1f})" for n in names) + " |")
+    lines.append(_total_row(fused, floors(shape, dtype, tf32, fused=True), names,
+                            hbm=hbm_floors(shape, dtype, fused=True)))
     built, line = fused_line_kernels(*shape, dtype), line_path(dtype)
     lines += ["", (f"the fused mode as built (cc_attention_fused: tiles on {line}; energies "
                    f"recomputed per chunk of {LINE_CHUNK[dtype]} output channels):"), "",
               *_kernel_rows(built, line, names)]
-    total = {n: sum(floor_seconds(k, GPUS[n], line) for k in built) for n in names}
-    lines.append(f"| **total** | {sum(k.bytes for k in built) / 1e6:.2f} | {sum(k.flops for k in built) / 1e9:.3f} | "
-                 + " | ".join(f"**{total[n] * 1e6:.1f}**" for n in names) + " |")
+    lines.append(_total_row(built, {n: sum(floor_seconds(k, GPUS[n], line) for k in built) for n in names}, names))
     return "\n".join(lines)
 
 

@@ -416,8 +416,7 @@ __global__ void delta_kernel(const scalar_t* __restrict__ g, const scalar_t* __r
   using Partial = acc_t[kDeltaGroups][kSpan];
   CC_SHARED(Partial, partial_);
   const index_t lane = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
-  const index_t tiles = (N * P + kSpan - 1) / kSpan;
-  for (index_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  CC_FOR_EACH_TILE(index_t, tile, (N * P + kSpan - 1) / kSpan) {
     const index_t item = tile * kSpan + lane;
     acc_t sum = 0;
     if (item < N * P) {
