@@ -4,7 +4,7 @@
 # builds the op (C++ and CUDA, strict), runs every GPU-marked test (the op and its fused mode, mixed
 # precision, SyncBN, GPU inference, GPU training), runs the op benchmark, runs compute-sanitizer
 # (memcheck, racecheck, synccheck) on small cases of every CUDA dtype, profiles the kernels (map
-# and fused) with torch.profiler, and measures training on the GPU with the compiled op and with
+# and fused) with torch.profiler and the fused ones with Nsight Compute, and measures training on the GPU with the compiled op and with
 # the reference: the training step alone (pipeline.step_bench: resnet18 at 512 and resnet101 at
 # 769, bf16; images/s, peak GPU memory, MFU) and, where Ray and MLflow are installed, a short run
 # through pipeline.run (pipeline.bench). Last, the host emulation of the CUDA kernels on this
@@ -93,6 +93,30 @@ for dtype in (torch.float32, torch.bfloat16):
         print(f"== {dtype}, (2, 64/512, 97, 97), fused={fused}, forward + backward")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 PY
+
+stage "ncu"
+# Nsight Compute on the fused mode's kernels (the line passes and D), one forward + backward at the
+# paper's shape (N = 1) in bf16 then float32: throughput against the peaks, occupancy, and what
+# the roofline model leaves out (the shared-memory table: wavefronts and bank conflicts; the
+# pipes' use, the XU of the exponentials included).
+if command -v ncu >/dev/null; then
+  timeout -k 30 300 ncu --clock-control none --kernel-name regex:"line_pass|delta" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis_Tables \
+    --section ComputeWorkloadAnalysis \
+    --csv --page details $PY - > "$out/ncu_fused.csv" 2> "$out/ncu_fused.txt" <<'PY' || failed="$failed ncu"
+import torch
+import ops
+
+for dtype in (torch.bfloat16, torch.float32):
+    q, k = (0.3 * torch.randn(1, 64, 97, 97, device="cuda", dtype=dtype) for _ in range(2))
+    v = torch.randn(1, 512, 97, 97, device="cuda", dtype=dtype, requires_grad=True)
+    ops.criss_cross_attention(q, k, v, fused=True).sum().backward()
+    torch.cuda.synchronize()
+PY
+  tail -n 3 "$out/ncu_fused.txt"
+else
+  echo "ncu not found: the fused kernels' counters not taken" | tee "$out/ncu_fused.txt"
+fi
 
 stage "ops.bench, a whole Cityscapes image"
 # the head on a whole 1024 x 2048 Cityscapes image: the fused mode's memory and its HBM floor

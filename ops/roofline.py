@@ -109,15 +109,16 @@ def fused_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[K
 
 def fused_line_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> list[Kernel]:
     """The fused mode as built on CUDA (``cc_attention_fused`` and its backward,
-    ops/csrc/cuda/cc_fused.cuh), launch by launch: transposes for the column pass, one line-pass
-    kernel per pass and gradient, the column results transposed back, and the per-pixel D of the
-    backward. A line pass reads its maps and statistics once and writes its result once (the
+    ops/csrc/cuda/cc_fused.cuh), launch by launch: transposes for the column pass; forward, a
+    statistics pass (energies only: each pixel's log-sum-exp) and a product pass per direction;
+    backward, the per-pixel D and a line pass per direction and gradient; the column results
+    transposed back. A line pass reads its maps and statistics once and writes its result once (the
     column pass in float32 / float64, the row pass in the dtype, adding the column pass's); its
     FLOPs are those of its tiles, whole tiles of ``LINE_SPAN`` x ``LINE_SPAN`` pixel pairs (on the
     tensor cores for fp16/bf16, FMA on the CUDA cores for float32 and float64: ``line_path``), with
     the energies (and dP) recomputed once per chunk of ``LINE_CHUNK`` output channels. A lower
-    bound: the exponentials (each thread of a pixel takes all of its tile's), shared-memory traffic
-    and occupancy are not counted."""
+    bound: the exponentials (one per pair and pass), shared-memory traffic and occupancy are not
+    counted."""
     s, acc = SIZES[dtype], 8 if dtype == "float64" else 4
     P, chunk = H * W, LINE_CHUNK[dtype]
 
@@ -142,13 +143,18 @@ def fused_line_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> l
     columns = H > 1
     forward_flops = chunks(C) * Cq + C
     forward = []
-    if columns:  # reads q, k, v; writes its normalised output and (max, sum)
+    if columns:  # the statistics: reads q and k; writes each pixel's (max, sum) over its column
         forward += [transpose("q", maps(Cq)), transpose("k", maps(Cq)), transpose("v", maps(C)),
-                    line("columns", "forward", maps(Cq, Cq, C) + parts(C, 2), forward_flops),
-                    transpose("columns out", parts(C)), transpose("columns max", parts(1)),
-                    transpose("columns sum", parts(1))]
-    # reads q, k, v and the column pass's results; writes out and the log-sum-exp
-    forward.append(line("rows", "forward", maps(Cq, Cq, C, C) + parts(1) + (parts(C, 2) if columns else 0),
+                    line("columns", "stats", maps(Cq, Cq) + parts(2), Cq),
+                    transpose("columns max", parts(1)), transpose("columns sum", parts(1))]
+    # reads q, k and the column pass's (max, sum); writes the log-sum-exp
+    forward.append(line("rows", "stats", maps(Cq, Cq) + parts(1) + (parts(2) if columns else 0), Cq))
+    if columns:  # the output: reads q, k, v and the log-sum-exp; writes its product in float32
+        forward += [transpose("lse", parts(1)),
+                    line("columns", "forward", maps(Cq, Cq, C) + parts(1, C), forward_flops),
+                    transpose("columns out", parts(C))]
+    # reads q, k, v, the log-sum-exp and the column pass's product; writes out
+    forward.append(line("rows", "forward", maps(Cq, Cq, C, C) + parts(1) + (parts(C) if columns else 0),
                         forward_flops))
     backward = [Kernel("D", maps(C, C) + parts(1), 2 * N * C * P, False)]
     grads = {  # per gradient: the maps and statistics it reads, its channels, its FLOPs per pair

@@ -353,14 +353,12 @@ def test_fused_attention_keeps_the_dtype_contract(emu, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_attention_on_both_tile_paths(emu, dtype, case):
     """fp16 and bf16 run on the tensor-core tiles (WMMA) where the GPU has them (sm_80 on) and on
-    the CUDA-core tiles below: both within the op's tolerances of the float64 reference, the same
-    log-sum-exp bit for bit (the energies are exact products summed in the same order), and
-    outputs and gradients apart by less than one unit in the last place of the tensor's largest
-    value, in at most 1% of the elements (the tensor cores group a tile's sums before adding them
-    to the running ones; one tile per line: no difference)."""
+    the CUDA-core tiles below: both within the op's tolerances of the float64 reference, and the
+    same bits on both here (the emulated fragments sum in float32 in order along k, as the CUDA
+    cores do, and the product's fragments run over the whole line as the CUDA cores' sums do, so a
+    difference is a tile or a weight computed differently)."""
     q, k, v, g = attention_inputs(case, dtype, seed=9)
     atol, rtol = TOLERANCE[dtype]
-    eps = torch.finfo(dtype).eps
     with nan_filled_allocations():
         paths = []
         for tensor_cores in (True, False):
@@ -372,13 +370,8 @@ def test_fused_attention_on_both_tile_paths(emu, dtype, case):
             torch.testing.assert_close(a.double(), e, atol=atol * float(e.abs().max().clamp(min=1)), rtol=rtol,
                                        msg=lambda m, name=name: f"{name}: {m}")
     wmma, cores = paths
-    assert torch.equal(wmma[-1], cores[-1]), "lse"
-    for name, a, b in zip(("out", "dq", "dk", "dv"), wmma, cores):
-        apart = (a.double() - b.double()).abs()
-        assert float(apart.max()) <= eps * float(b.double().abs().max()), name
-        assert float((apart > 0).double().mean()) <= 0.01, name
-        if max(case.H, case.W) <= 32:
-            assert torch.equal(a, b), name
+    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), wmma, cores):
+        assert torch.equal(a, b), name
 
 
 def test_fused_attention_when_a_pass_has_no_finite_energy(emu):
@@ -421,6 +414,12 @@ def test_fused_cases_reach_the_launch_edges(emu):
     assert emu.cc_launch_config("line rows", 2, 72, 40, 35, 3) == [2 * 40 * 2 * 2, 3, THREADS]
     assert emu.cc_launch_config("line columns", 2, 72, 40, 35, 3) == [2 * 35 * 2 * 2, 3, THREADS]
     assert emu.cc_launch_config("line rows", 2, 64, 1, 32, REAL_CAP) == [2, 2, THREADS]
+    # the forward's statistics passes: a block per (image, line, tile of 32 pixels), no chunks
+    assert emu.cc_launch_config("stats rows", 2, 72, 40, 35, 3) == [2 * 40 * 2, 3, THREADS]
+    assert emu.cc_launch_config("stats columns", 2, 72, 40, 35, 3) == [2 * 35 * 2, 3, THREADS]
+    for kernel in ("stats rows", "stats columns"):
+        launches = [emu.cc_launch_config(kernel, c.N, c.C + 2, c.H, c.W, c.max_blocks) for c in FUSED_CASES]
+        assert any(items >= 5 * blocks for items, blocks, _ in launches), kernel
     for kernel, along in (("line rows", "W"), ("line columns", "H")):
         launches = {c.name: emu.cc_launch_config(kernel, c.N, c.C + 2, c.H, c.W, c.max_blocks) for c in FUSED_CASES}
         assert any(items >= 5 * blocks for items, blocks, _ in launches.values()), kernel

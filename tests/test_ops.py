@@ -776,32 +776,38 @@ def test_roofline_against_hand_counts():
     hbm = roofline.hbm_floors((1, 1, 2, 2, 3), "float32", fused=True)["H200 SXM"]
     assert hbm == (fwd.bytes + bwd.bytes) / 4.8e12
 
-    # the fused mode as built (cc_fused.cuh), by hand for the same map: the column pass reads q, k
-    # (6 floats each) and v (12), writes its output (12) and (max, sum) (6 each); the row pass also
-    # reads those three and writes out (12) and the log-sum-exp (6). Every tile is computed whole:
-    # 32 x 32 pairs per line, 3 columns and 2 rows; per pair, 1 energy channel and 2 value channels
+    # the fused mode as built (cc_fused.cuh), by hand for the same map. Statistics: the column pass
+    # reads q and k (6 floats each), writes (max, sum) (6 each); the row pass reads q, k and those,
+    # writes the log-sum-exp (6). Products: the column pass reads q, k, v (12) and the log-sum-exp,
+    # writes its product (12); the row pass also reads that and writes out (12). Every tile is
+    # computed whole: 32 x 32 pairs per line, 3 columns and 2 rows; per pair, 1 energy channel
+    # (statistics), and 1 energy and 2 value channels (products)
     ks = {k.name: k for k in roofline.fused_line_kernels(1, 1, 2, 2, 3, "float32")}
-    assert (ks["fwd columns forward"].bytes, ks["fwd columns forward"].flops) == ((6 + 6 + 12 + 12 + 12) * 4,
+    assert (ks["fwd columns stats"].bytes, ks["fwd columns stats"].flops) == ((6 + 6 + 6 + 6) * 4, 2 * 3 * 1024 * 1)
+    assert (ks["fwd rows stats"].bytes, ks["fwd rows stats"].flops) == ((6 + 6 + 6 + 6 + 6) * 4, 2 * 2 * 1024 * 1)
+    assert (ks["fwd columns forward"].bytes, ks["fwd columns forward"].flops) == ((6 + 6 + 12 + 6 + 12) * 4,
                                                                               2 * 3 * 1024 * 3)
-    assert (ks["fwd rows forward"].bytes, ks["fwd rows forward"].flops) == ((6 + 6 + 12 + 24 + 12 + 6) * 4,
+    assert (ks["fwd rows forward"].bytes, ks["fwd rows forward"].flops) == ((6 + 6 + 12 + 6 + 12 + 12) * 4,
                                                                         2 * 2 * 1024 * 3)
+    assert ks["fwd transpose lse"].bytes == 2 * 6 * 4
     # dq: q, k, v, dout, lse, D in; the column pass's dq in; dq out; per pair 1 + 2 (energy, dP) + 1
     assert (ks["bwd rows dq"].bytes, ks["bwd rows dq"].flops) == ((6 + 6 + 12 + 12 + 12 + 6 + 6) * 4, 2 * 2 * 1024 * 4)
     assert ks["bwd transpose columns dv"].bytes == 2 * 12 * 4 and ks["bwd D"].bytes == (12 + 12 + 6) * 4
-    assert len(ks) == 8 + 16  # the launches of cc_attention_fused and its backward
-    assert len(roofline.fused_line_kernels(1, 1, 2, 1, 3, "float32")) == 1 + 4  # one row: no column pass
-    # the paper's shape in bf16: 97 rows and 97 columns of 4 tiles (128 x 128 pairs each); energies
-    # recomputed for each of 8 chunks of 64 value channels: 8 x 64 + 512 per pair forward; backward
-    # dq and dk (one chunk of 64): 64 + 512 + 64 each, dv: 8 x 64 + 512
+    assert len(ks) == 11 + 16  # the launches of cc_attention_fused and its backward
+    assert len(roofline.fused_line_kernels(1, 1, 2, 1, 3, "float32")) == 2 + 4  # one row: no column pass
+    # the paper's shape in bf16: 97 rows and 97 columns of 4 tiles (128 x 128 pairs each); forward,
+    # the statistics' 64 energy channels, then energies recomputed for each of 8 chunks of 64 value
+    # channels: 64 + 8 x 64 + 512 per pair; backward dq and dk (one chunk of 64): 64 + 512 + 64
+    # each, dv: 8 x 64 + 512
     pairs = 2 * 97 * 128 * 128
     paper = roofline.fused_line_kernels(1, 64, 512, 97, 97, "bfloat16")
-    assert sum(k.flops for k in paper if k.gemm and k.name.startswith("fwd")) == 2 * pairs * 1024
+    assert sum(k.flops for k in paper if k.gemm and k.name.startswith("fwd")) == 2 * pairs * (64 + 1024)
     assert sum(k.flops for k in paper if k.gemm and k.name.startswith("bwd")) == 2 * pairs * (2 * 640 + 1024)
-    # float64, 2 images: chunks of 32 (3 for 70 channels); 7 columns of 4 pixels and 4 rows of 7,
-    # one tile each
+    # float64, 2 images: the statistics' 3 channels, chunks of 32 (3 for 70 channels); 7 columns
+    # of 4 pixels and 4 rows of 7, one tile each
     pairs = 2 * (7 + 4) * 32 * 32
     small = roofline.fused_line_kernels(2, 3, 70, 4, 7, "float64")
-    assert sum(k.flops for k in small if k.gemm and k.name.startswith("fwd")) == 2 * pairs * (3 * 3 + 70)
+    assert sum(k.flops for k in small if k.gemm and k.name.startswith("fwd")) == 2 * pairs * (3 + 3 * 3 + 70)
     assert sum(k.flops for k in small if k.gemm and k.name.startswith("bwd")) == 2 * pairs * (
         2 * (3 + 70 + 3) + 3 * 3 + 70)
     assert roofline.line_path("float64") == "fp64_fma" and roofline.GPUS["H100 SXM"]["fp64_fma"] == 33.5e12

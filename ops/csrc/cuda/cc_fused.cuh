@@ -1,39 +1,48 @@
-// Fused criss-cross attention on the GPU: the maths of ../../fused.py (the row pass and the column
-// pass each keep an online softmax, merged by their per-pixel (max, sum); the backward recomputes
-// the energies from the saved log-sum-exp) in kernels of ours, without the (N, H + W - 1, H, W)
-// attention map. Included after cc_kernels.cuh (its launch macros, tiles and transposes), by the
-// CUDA build and by the emulation, which runs these kernels' threads as fibers.
+// Fused criss-cross attention on the GPU: the maths of ../../fused.py (per pixel, one softmax over
+// its row and its column, the two passes' (max, sum) merged as an online softmax merges two
+// blocks; the backward recomputes the energies from the saved log-sum-exp) in kernels of ours,
+// without the (N, H + W - 1, H, W) attention map. Included after cc_kernels.cuh (its launch
+// macros, tiles and transposes), by the CUDA build and by the emulation, which runs these kernels'
+// threads as fibers.
 //
-// Both passes are one kernel, line_pass_kernel, over "lines" of L pixels of a contiguous map in the
+// Every pass is one kernel, line_pass_kernel, over "lines" of L pixels of a contiguous map in the
 // pass's layout (N, channels, lines, L): the rows of the NCHW maps (lines = H, L = W), and the rows
 // of their H/W-transposed copies (transpose_kernel) for the columns (lines = W, L = H), where the
 // pixel's own slot is left out, so that it is counted once. Within a line every pixel attends to
-// every other: a block owns a tile of kSpan pixels of one line and a chunk of the output's channels,
-// and walks the line's other pixels kSpan at a time:
+// every other: a block owns a tile of kSpan pixels of one line (and, but for Stats, a chunk of the
+// output's channels), and walks the line's other pixels kSpan at a time:
 //   energies  E[i, j] = sum_c q[c, i] k[c, j]: a kSpan x kSpan tile through shared memory, kSpan
 //             channels at a time; each thread then takes kPairs of them (its pixel against kPairs
 //             others);
-//   weights   forward: the online softmax (running max m and sum s per own pixel, the partial sums
-//             rescaled by e^(m_old - m_new)); backward: P = exp(E - lse) and dE = P (dP - D) with
-//             dP[i, j] = sum_c dout[c, i] v[c, j], a second tile, and D = sum_c dout out per pixel;
+//   Stats     each thread keeps the running (max, sum) of its pairs' exponentials (an online
+//             softmax, rescaled as its max grows); at the end a pixel's kGroups threads' are merged
+//             in a fixed order: the column pass writes them, the row pass merges them with its own
+//             into the log-sum-exp;
+//   weights   final when formed, from the log-sum-exp: forward P = exp(E - lse); backward the same
+//             P, and dE = P (dP - D) with dP[i, j] = sum_c dout[c, i] v[c, j], a second tile, and
+//             D = sum_c dout out per pixel;
 //   product   the weights times the chunk's channels of the other pixels (v, k, q or dout) in
-//             shared memory, each thread accumulating per_thread() channels of its own pixel in
-//             registers.
-// The four modes own a query (forward, dq: sums over keys) or a key (dk, dv: sums over queries).
-// Every load and store runs along the line (x in the NCHW maps, y in the transposed ones), kSpan
-// consecutive elements per warp; no atomics: every output element has one owner thread, and the
-// order of every sum is fixed, so results are deterministic. Energies and dP are rounded to the
-// inputs' dtype and the weights to the value's before they meet a map (the dtype contract of
-// ops/criss_cross.py), statistics and partial sums stay in float32 (float64).
+//             shared memory, summed over the whole line without rescaling: per thread, in
+//             per_thread() float32 registers of its own pixel (CUDA cores), or per warp, in a WMMA
+//             accumulator fragment (tensor cores), written out once.
+// The product modes own a query (forward, dq: sums over keys) or a key (dk, dv: sums over
+// queries). Every load and store runs along the line (x in the NCHW maps, y in the transposed
+// ones), kSpan consecutive elements per warp; no atomics: every output element has one owner
+// thread (or fragment), and the order of every sum is fixed, so results are deterministic.
+// Energies and dP are rounded to the inputs' dtype and the weights to the value's before they meet
+// a map (the dtype contract of ops/criss_cross.py), statistics and partial sums stay in float32
+// (float64).
 //
-// Forward (8 launches): the column pass on transposed maps writes its normalised output and
-// (max, sum) in float32; they are transposed back, and the row pass merges them into its own in
-// its epilogue and writes out and the log-sum-exp (N, H, W). Backward (16 launches): D, then
-// the column pass's three gradients in float32, transposed back and added by the row pass's.
-// Energies are computed once per chunk of 64 output channels (32 in float64): the price of
-// holding no map. fp16 and bf16 run the energy, dP and product tiles on the tensor cores (WMMA
-// fragments of 16 x 16 x 16 with float32 sums, 16-bit tiles in shared memory: mma_tile and the
-// product in line_pass_kernel); float32 and float64 run them as FMA on the CUDA cores (dot_tile).
+// Forward (11 launches): the column then the row statistics pass (the log-sum-exp, (N, H, W)),
+// then the column pass's product in float32, transposed back and added by the row pass's. The
+// energies' channels are read once more than a one-pass online softmax would (C' against C' + C
+// per chunk), and in exchange every weight is final when formed: no rescaling of the products, one
+// exponential per pair and pass. Backward (16 launches): D, then the column pass's three gradients
+// in float32, transposed back and added by the row pass's. Energies are computed once per chunk of
+// 64 output channels (32 in float64): the price of holding no map. fp16 and bf16 run the energy,
+// dP and product tiles on the tensor cores (WMMA fragments of 16 x 16 x 16 with float32 sums, 16-bit
+// tiles in shared memory: mma_tile and mma_product); float32 and float64 run them as FMA on the
+// CUDA cores (dot_tile).
 #pragma once
 
 #include <cstdint>
@@ -58,7 +67,9 @@ constexpr int chunk_channels() { return per_thread<acc_t>() * kGroups; }
 __device__ __forceinline__ float cc_log(float x) { return ::logf(x); }
 __device__ __forceinline__ double cc_log(double x) { return ::log(x); }
 
-enum class LineMode { Forward, GradQuery, GradKey, GradValue };
+// Stats: each pixel's (max, sum) of its energies in the pass (the column pass) or the log-sum-exp
+// merged with the other pass's (the row pass); the other modes: a product with final weights.
+enum class LineMode { Stats, Forward, GradQuery, GradKey, GradValue };
 
 // fp16 and bf16 run their tiles on the tensor cores (WMMA: sm_80 on, and in the emulation); the
 // includer supplies MmaElement<scalar_t>::type, the element type of nvcuda::wmma for the dtype.
@@ -104,29 +115,32 @@ __device__ __forceinline__ acc_t rounded(acc_t x) {
 }
 
 // The shared memory of a line pass on the CUDA cores: float32 (float64) tiles, rows padded by one
-// element against bank conflicts.
+// element against bank conflicts (a warp's lanes are 32 own pixels, reading down a column).
 template <typename acc_t>
 struct FmaTiles {
   acc_t a[kSpan][kSpan + 1];                    // [channel][own pixel]
   acc_t b[kSpan][kSpan + 1];                    // [channel][other pixel]
-  acc_t w[kSpan][kSpan + 1];                    // [own][other]: energies (forward) or weights
+  acc_t w[kSpan][kSpan + 1];                    // [own][other]: the weights
   acc_t x[chunk_channels<acc_t>()][kSpan + 1];  // [channel of the chunk][other]
 };
 
 // ... and on the tensor cores (fp16 / bf16 operands in the inputs' dtype, float32 sums), laid out
 // as WMMA requires: every fragment starts 32-byte aligned, leading dimensions are multiples of 16
-// bytes (the 16-bit tiles' rows of 40 elements, the float32 ones' of 36 and 68).
+// bytes (the 16-bit tiles' rows of 40 elements, the float32 ones' of 36). The own pixel is the
+// contiguous index of every tile a thread reads or writes alone (s, d, w, o), so that a warp's 32
+// lanes, 32 own pixels, touch 32 consecutive words (16 in the 16-bit w): no bank conflicts. Rows
+// of 36 floats read across would put 4 lanes on each bank.
 constexpr int kWarp = 32, kFrag = 16;  // WMMA's 16 x 16 x 16 fragments
-constexpr int kLd16 = kSpan + 8, kLdS = kSpan + 4, kChunk16 = 64, kLdO = kChunk16 + 4;
+constexpr int kLd16 = kSpan + 8, kLdS = kSpan + 4, kChunk16 = 64;
 static_assert(kThreads / kWarp == (kSpan / kFrag) * (kChunk16 / kFrag), "a warp per fragment of the product");
 struct MmaTiles {
   alignas(32) uint16_t a[kSpan * kLd16];      // [channel][own], in the inputs' dtype
   alignas(32) uint16_t b[kSpan * kLd16];      // [channel][other]
-  alignas(32) float s[kSpan * kLdS];          // [own][other]: energies, then the weights in float32
-  alignas(32) float d[kSpan * kLdS];          // [own][other]: dP
-  alignas(32) uint16_t w[kSpan * kLd16];      // [own][other]: the weights in the value's dtype
+  alignas(32) float s[kSpan * kLdS];          // [other][own]: the energies in float32
+  alignas(32) float d[kSpan * kLdS];          // [other][own]: dP
+  alignas(32) uint16_t w[kSpan * kLd16];      // [other][own]: the weights in the value's dtype
   alignas(32) uint16_t x[kChunk16 * kLd16];   // [channel of the chunk][other]
-  alignas(32) float o[kSpan * kLdO];          // [own][channel of the chunk]: the tile's product
+  alignas(32) float o[kChunk16 * kLdS];       // [channel of the chunk][own]: the product, once per item
 };
 
 // e[j] += sum_c a[c, own0 + r] b[c, oth0 + grp * kPairs + j] over `channels` channels of two maps
@@ -153,7 +167,7 @@ __device__ __forceinline__ void dot_tile(const scalar_t* a, const scalar_t* b, i
   }
 }
 
-// The same kSpan x kSpan tile of products on the tensor cores, written to out [own][other] (kLdS)
+// The same kSpan x kSpan tile of products on the tensor cores, written to out [other][own] (kLdS)
 // in float32: warps 0-3 each own a 16 x 16 fragment, summed over the channels in steps of 16.
 // Every thread of the block calls it; out is complete after its last barrier.
 template <typename scalar_t, typename index_t>
@@ -186,60 +200,83 @@ __device__ __forceinline__ void mma_tile(const scalar_t* a, const scalar_t* b, i
     }
     __syncthreads();
   }
-  if (warp < 4) wmma::store_matrix_sync(out + fi * kLdS + fj, sum, kLdS, wmma::mem_row_major);
+  // (own i, other j) at out[j * kLdS + i]
+  if (warp < 4) wmma::store_matrix_sync(out + fj * kLdS + fi, sum, kLdS, wmma::mem_col_major);
   __syncthreads();
 #endif
 }
 
-// out [own][channel of the chunk] (kLdO) = the weights ws [own][other] (kLd16) times the chunk
-// x [channel][other] (kLd16) on the tensor cores: warp (fi, fc) owns rows fi of the own pixels
-// and channels fc of the chunk. Every thread of the block calls it; out is complete after its
-// barrier.
+// The product of the tensor-core path: warp (fi, fc) owns rows fi of the own pixels and channels fc
+// of the chunk, a 16 x 16 float32 fragment that sums over the whole line in registers (no
+// rescaling: the weights are final when they are formed) and goes to shared memory once per item.
+#if CC_FUSED_WMMA
+using ProductFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFrag, kFrag, kFrag, float>;
+#else
+struct ProductFragment {};
+#endif
+
+__device__ __forceinline__ void clear_product(ProductFragment& prod) {
+#if CC_FUSED_WMMA
+  nvcuda::wmma::fill_fragment(prod, 0.0f);
+#endif
+}
+
+// prod += the weights ws [other][own] (kLd16) times the chunk x [channel][other] (kLd16), for
+// this warp's fragment. Reads ws and x only: the caller's barrier before it makes them complete.
 template <typename scalar_t>
-__device__ __forceinline__ void mma_product(const scalar_t* ws, const scalar_t* x, float* out) {
+__device__ __forceinline__ void mma_product(const scalar_t* ws, const scalar_t* x, ProductFragment& prod) {
 #if CC_FUSED_WMMA
   namespace wmma = nvcuda::wmma;
   using T = typename MmaElement<scalar_t>::type;
   const int warp = threadIdx.x / kWarp, fi = warp / (kChunk16 / kFrag) * kFrag, fc = warp % (kChunk16 / kFrag) * kFrag;
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> prod;
-  wmma::fill_fragment(prod, 0.0f);
-  for (int k = 0; k < kSpan; k += kFrag) {  // A (own, other k) = ws[own][k]: row-major; B (k, channel) = x[channel][k]: column-major
-    wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa;
+  for (int k = 0; k < kSpan; k += kFrag) {  // A (own, other k) = ws[k][own]: column-major; B (k, channel) = x[channel][k]: column-major
+    wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::col_major> fa;
     wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> fb;
-    wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(ws + fi * kLd16 + k), kLd16);
+    wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(ws + k * kLd16 + fi), kLd16);
     wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(x + fc * kLd16 + k), kLd16);
     wmma::mma_sync(prod, fa, fb, prod);
   }
-  wmma::store_matrix_sync(out + fi * kLdO + fc, prod, kLdO, wmma::mem_row_major);
+#endif
+}
+
+// out [channel of the chunk][own] (kLdS) = this warp's fragment of the product. Every thread of the
+// block calls it; out is complete after its barrier.
+__device__ __forceinline__ void store_product(const ProductFragment& prod, float* out) {
+#if CC_FUSED_WMMA
+  namespace wmma = nvcuda::wmma;
+  const int warp = threadIdx.x / kWarp, fi = warp / (kChunk16 / kFrag) * kFrag, fc = warp % (kChunk16 / kFrag) * kFrag;
+  wmma::store_matrix_sync(out + fc * kLdS + fi, prod, kLdS, wmma::mem_col_major);
 #endif
   __syncthreads();
 }
 
+// Blocks per SM the line passes are built for: 4 (at most 64 registers a thread, 4 x 8 warps) with
+// float32 sums and 32-bit indices, where ptxas (sm_90) fits every mode without spilling; 2 (128
+// registers) for float64 or 64-bit indices, which spill at 4 and 3.
+template <typename scalar_t, typename index_t>
+constexpr int line_pass_min_blocks() {
+  return sizeof(at::opmath_type<scalar_t>) == 4 && sizeof(index_t) == 4 ? 4 : 2;
+}
+
 // TensorCores false keeps fp16 / bf16 on the CUDA cores (the emulation compares both paths).
 template <LineMode Mode, bool TensorCores, typename scalar_t, typename index_t>
-__global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
+__global__ void __launch_bounds__(kThreads, line_pass_min_blocks<scalar_t, index_t>())
+    line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kPer = per_thread<acc_t>(), kChunk = chunk_channels<acc_t>();
-  constexpr bool kOwnQuery = Mode == LineMode::Forward || Mode == LineMode::GradQuery;
+  constexpr bool kStats = Mode == LineMode::Stats;
+  constexpr bool kOwnQuery = kStats || Mode == LineMode::Forward || Mode == LineMode::GradQuery;
   constexpr bool kNeedsDp = Mode == LineMode::GradQuery || Mode == LineMode::GradKey;
   constexpr acc_t kNone = -std::numeric_limits<acc_t>::infinity();
   constexpr bool kMma = TensorCores && uses_tensor_cores<scalar_t>();
   static_assert(!kMma || kChunk == kChunk16, "the tensor-core tiles hold chunks of 64 channels");
   using Tiles = std::conditional_t<kMma, MmaTiles, FmaTiles<acc_t>>;
   CC_SHARED(Tiles, tiles_);
-  // [own][other]: the energies (forward) or the weights, in float32 (float64)
-  const auto weight = [&](index_t own_r, index_t other) -> acc_t& {
-    if constexpr (kMma) {
-      return tiles_.s[own_r * kLdS + other];
-    } else {
-      return tiles_.w[own_r][other];
-    }
-  };
   const index_t r = threadIdx.x % kSpan, grp = threadIdx.x / kSpan;
   const index_t L = a.L, plane = a.lines * L;
-  // the output's channels, and the map whose other pixels are summed into them
+  // the output's channels, and the map whose other pixels are summed into them (none for Stats)
   const index_t out_channels = Mode == LineMode::Forward || Mode == LineMode::GradValue ? a.C : a.Cq;
-  const index_t chunks = (out_channels + kChunk - 1) / kChunk, tiles = (L + kSpan - 1) / kSpan;
+  const index_t chunks = kStats ? 1 : (out_channels + kChunk - 1) / kChunk, tiles = (L + kSpan - 1) / kSpan;
   CC_FOR_EACH_TILE(index_t, item, a.N * a.lines * tiles * chunks) {
     const index_t chunk = item % chunks, own0 = item / chunks % tiles * kSpan;
     const index_t line = item / (chunks * tiles) % a.lines, n = item / (chunks * tiles * a.lines);
@@ -256,10 +293,15 @@ __global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
     acc_t acc[kPer];
 #pragma unroll
     for (int i = 0; i < kPer; ++i) acc[i] = 0;
-    acc_t run_max = kNone, run_sum = 0;  // forward
-    acc_t own_lse = 0, own_delta = 0;    // dq
-    if constexpr (Mode == LineMode::GradQuery) {
-      if (own_in) own_lse = a.lse[stats + own], own_delta = a.delta[stats + own];
+    ProductFragment prod;
+    if constexpr (kMma && !kStats) clear_product(prod);
+    acc_t run_max = kNone, run_sum = 0;  // Stats: the online softmax of this thread's pairs
+    acc_t own_lse = 0, own_delta = 0;    // forward and dq: the own pixel's
+    if constexpr (Mode == LineMode::Forward || Mode == LineMode::GradQuery) {
+      if (own_in) own_lse = a.lse[stats + own];
+      if constexpr (Mode == LineMode::GradQuery) {
+        if (own_in) own_delta = a.delta[stats + own];
+      }
     }
     for (index_t oth0 = 0; oth0 < L; oth0 += kSpan) {
       acc_t e[kPairs] = {}, dp[kPairs] = {};
@@ -270,131 +312,126 @@ __global__ void line_pass_kernel(const LineArgs<scalar_t, index_t> a) {
         mma_tile(kOwnQuery ? q : k, kOwnQuery ? k : q, a.Cq, plane, L, own0, oth0, tiles_, tiles_.s);
         if constexpr (kNeedsDp) mma_tile(kOwnQuery ? g : v, kOwnQuery ? v : g, a.C, plane, L, own0, oth0, tiles_, tiles_.d);
 #pragma unroll
-        for (int j = 0; j < kPairs; ++j) {  // this thread's pairs (read here, overwritten below by itself alone)
-          e[j] = tiles_.s[r * kLdS + grp * kPairs + j];
-          if constexpr (kNeedsDp) dp[j] = tiles_.d[r * kLdS + grp * kPairs + j];
+        for (int j = 0; j < kPairs; ++j) {  // this thread's pairs
+          e[j] = tiles_.s[(grp * kPairs + j) * kLdS + r];
+          if constexpr (kNeedsDp) dp[j] = tiles_.d[(grp * kPairs + j) * kLdS + r];
         }
-        scalar_t* xs16 = reinterpret_cast<scalar_t*>(tiles_.x);
-        for (index_t c = grp; c < kChunk; c += kGroups) {  // the chunk of the other pixels' channels
-          const bool in = c_first + c < out_channels && oth0 + r < L;
-          xs16[c * kLd16 + r] = in ? xs[(c_first + c) * plane + oth0 + r] : scalar_t(0);
+        if constexpr (!kStats) {
+          scalar_t* xs16 = reinterpret_cast<scalar_t*>(tiles_.x);
+          for (index_t c = grp; c < kChunk; c += kGroups) {  // the chunk of the other pixels' channels
+            const bool in = c_first + c < out_channels && oth0 + r < L;
+            xs16[c * kLd16 + r] = in ? xs[(c_first + c) * plane + oth0 + r] : scalar_t(0);
+          }
         }
       } else {
         dot_tile(kOwnQuery ? q : k, kOwnQuery ? k : q, a.Cq, plane, L, own0, oth0, tiles_, e);
         if constexpr (kNeedsDp) dot_tile(kOwnQuery ? g : v, kOwnQuery ? v : g, a.C, plane, L, own0, oth0, tiles_, dp);
-        for (index_t c = grp; c < kChunk; c += kGroups) {  // the chunk of the other pixels' channels
-          const bool in = c_first + c < out_channels && oth0 + r < L;
-          tiles_.x[c][r] = in ? static_cast<acc_t>(xs[(c_first + c) * plane + oth0 + r]) : acc_t(0);
+        if constexpr (!kStats) {
+          for (index_t c = grp; c < kChunk; c += kGroups) {  // the chunk of the other pixels' channels
+            const bool in = c_first + c < out_channels && oth0 + r < L;
+            tiles_.x[c][r] = in ? static_cast<acc_t>(xs[(c_first + c) * plane + oth0 + r]) : acc_t(0);
+          }
         }
       }
+      acc_t tile_max = kNone;  // Stats
 #pragma unroll
       for (int j = 0; j < kPairs; ++j) {
-        const index_t oth = oth0 + grp * kPairs + j;
+        const index_t other = grp * kPairs + j, oth = oth0 + other;
         const bool pair = oth < L && !(a.skip_self && oth == own);
         const acc_t energy = pair ? rounded<scalar_t>(e[j]) : kNone;
-        acc_t w = energy;  // forward: the energy, weighed below
-        if constexpr (Mode != LineMode::Forward) {
-          // the query's log-sum-exp and D: the own pixel's (dq), else the other's
+        if constexpr (kStats) {
+          e[j] = energy;
+          tile_max = cc_max(tile_max, energy);
+        } else {
+          // the query's log-sum-exp (and D): the own pixel's (forward, dq), else the other's
           const acc_t lse = kOwnQuery ? own_lse : (pair ? a.lse[stats + oth] : acc_t(0));
-          const acc_t delta = kOwnQuery ? own_delta : (pair ? a.delta[stats + oth] : acc_t(0));
           const acc_t p = pair ? cc_exp(energy - lse) : acc_t(0);
-          if constexpr (Mode == LineMode::GradValue) {
+          acc_t w;
+          if constexpr (Mode == LineMode::Forward || Mode == LineMode::GradValue) {
             w = rounded<scalar_t>(p);
           } else {
+            const acc_t delta = kOwnQuery ? own_delta : (pair ? a.delta[stats + oth] : acc_t(0));
             w = rounded<scalar_t>(p * (rounded<scalar_t>(dp[j]) - delta));
           }
-        }
-        weight(r, grp * kPairs + j) = w;
-      }
-      __syncthreads();
-      acc_t scale = 1, tile_max = kNone;
-      if constexpr (Mode == LineMode::Forward) {  // the online softmax of the own pixel
-        for (int j = 0; j < kSpan; ++j) tile_max = cc_max(tile_max, weight(r, j));
-        tile_max = cc_max(tile_max, run_max);
-        if (tile_max != kNone) scale = cc_exp(run_max - tile_max);  // 0 while nothing was seen
-        run_sum *= scale;
-        run_max = tile_max;
-      }
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) acc[i] *= scale;
-      const bool seen = Mode != LineMode::Forward || tile_max != kNone;  // forward: a pair not masked, so far
-      if constexpr (kMma) {
-        // the weights of this thread's pairs in the value's dtype, then the product on the tensor cores
-        scalar_t* ws16 = reinterpret_cast<scalar_t*>(tiles_.w);
-#pragma unroll
-        for (int j = 0; j < kPairs; ++j) {
-          const acc_t w = weight(r, grp * kPairs + j);
-          const acc_t p = Mode != LineMode::Forward ? w : seen ? cc_exp(w - tile_max) : acc_t(0);
-          ws16[r * kLd16 + grp * kPairs + j] = static_cast<scalar_t>(p);
-        }
-        if constexpr (Mode == LineMode::Forward) {  // every thread of the pixel sums all its weights
-          if (seen) {
-            for (int j = 0; j < kSpan; ++j) run_sum += cc_exp(weight(r, j) - tile_max);
-          }
-        }
-        __syncthreads();
-        mma_product(ws16, reinterpret_cast<const scalar_t*>(tiles_.x), tiles_.o);
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) acc[i] += tiles_.o[r * kLdO + grp + i * kGroups];
-      } else if (seen) {
-        for (int j = 0; j < kSpan; ++j) {
-          acc_t w = weight(r, j);
-          if constexpr (Mode == LineMode::Forward) {
-            const acc_t p = cc_exp(w - tile_max);
-            run_sum += p;
-            w = rounded<scalar_t>(p);
-          }
-#pragma unroll
-          for (int i = 0; i < kPer; ++i) acc[i] += w * tiles_.x[grp + i * kGroups][j];
-        }
-      }
-      // no barrier here: the weights, the chunk (and the product) are written again only after the
-      // next tile's energies have passed a barrier (dot_tile and mma_tile take at least one step:
-      // C' >= 1, checked), which every thread reaches once done reading them; the epilogue reads none
-    }
-    if (own_in) {
-      const index_t at = stats + own;  // the own pixel's statistics
-      acc_t keep = 1, merged = 1, total = 1;  // forward: out = (acc keep + other merged) / total
-      if constexpr (Mode == LineMode::Forward) {
-        if (a.out != nullptr && a.other != nullptr) {  // merged with the other pass by (max, sum)
-          const acc_t m = cc_max(run_max, a.other_max[at]);
-          keep = cc_exp(run_max - m);
-          merged = a.other_sum[at] * cc_exp(a.other_max[at] - m);
-          total = run_sum * keep + merged;
-          if (chunk == 0 && grp == 0) a.out_lse[at] = m + cc_log(total);
-        } else {
-          total = run_sum;
-          if (chunk == 0 && grp == 0) {
-            if (a.out != nullptr) {
-              a.out_lse[at] = run_max + cc_log(run_sum);
-            } else {
-              a.partial_max[at] = run_max;
-              a.partial_sum[at] = run_sum;
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const index_t c = c_first + grp + i * kGroups;
-        if (c >= out_channels) break;
-        const index_t idx = (n * out_channels + c) * plane + line * L + own;
-        acc_t value = acc[i];
-        if constexpr (Mode == LineMode::Forward) {
-          if (a.out == nullptr) {
-            // the column pass's own softmax output; none where it saw no finite energy (every key
-            // at -inf: float16 energies beyond its range), which the merge then weighs 0
-            value = total > 0 ? value / total : acc_t(0);
+          if constexpr (kMma) {
+            reinterpret_cast<scalar_t*>(tiles_.w)[other * kLd16 + r] = static_cast<scalar_t>(w);
           } else {
-            value = (value * keep + (a.other != nullptr ? a.other[idx] * merged : acc_t(0))) / total;
+            tiles_.w[r][other] = w;
           }
-        } else if (a.other != nullptr) {
-          value += a.other[idx];
         }
-        if (a.out != nullptr) {
-          a.out[idx] = static_cast<scalar_t>(value);
+      }
+      if constexpr (kStats) {  // the running (max, sum) over this thread's pairs so far
+        const acc_t m = cc_max(run_max, tile_max);
+        if (m != kNone) {  // 0 while nothing was seen
+          run_sum *= cc_exp(run_max - m);
+#pragma unroll
+          for (int j = 0; j < kPairs; ++j) run_sum += cc_exp(e[j] - m);
+          run_max = m;
+        }
+        // no barrier: the energy tile is written again only after the next tile's first barrier
+      } else {
+        __syncthreads();  // the weights and the chunk, complete
+        if constexpr (kMma) {
+          mma_product(reinterpret_cast<const scalar_t*>(tiles_.w), reinterpret_cast<const scalar_t*>(tiles_.x), prod);
         } else {
-          a.partial[idx] = value;
+          for (int j = 0; j < kSpan; ++j) {
+            const acc_t w = tiles_.w[r][j];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) acc[i] += w * tiles_.x[grp + i * kGroups][j];
+          }
+        }
+        // no barrier here: the weights and the chunk are written again only after the next tile's
+        // energies have passed a barrier (dot_tile and mma_tile take at least one step: C' >= 1,
+        // checked), which every thread reaches once done reading them
+      }
+    }
+    if constexpr (kStats) {
+      // the pixel's (max, sum) from its kGroups threads', merged in group order
+      using Partial = acc_t[kGroups][kSpan];
+      CC_SHARED(Partial, part_max_);
+      CC_SHARED(Partial, part_sum_);
+      part_max_[grp][r] = run_max;
+      part_sum_[grp][r] = run_sum;
+      __syncthreads();
+      if (grp == 0 && own_in) {
+        acc_t m = kNone, s = 0;
+        for (int t = 0; t < kGroups; ++t) m = cc_max(m, part_max_[t][r]);
+        if (m != kNone) {
+          for (int t = 0; t < kGroups; ++t) s += part_sum_[t][r] * cc_exp(part_max_[t][r] - m);
+        }
+        const index_t at = stats + own;
+        if (a.out_lse == nullptr) {  // the column pass: its (max, sum), merged by the row pass
+          a.partial_max[at] = m;
+          a.partial_sum[at] = s;
+        } else if (a.other_max != nullptr) {  // merged with the column pass's as two softmax blocks
+          const acc_t top = cc_max(m, a.other_max[at]);
+          const acc_t total = s * cc_exp(m - top) + a.other_sum[at] * cc_exp(a.other_max[at] - top);
+          a.out_lse[at] = top + cc_log(total);
+        } else {
+          a.out_lse[at] = m + cc_log(s);
+        }
+      }
+      // no barrier here: the next item's partial statistics are written only after its first
+      // energy tile has passed a barrier, which every thread reaches once done reading these
+    } else {
+      if constexpr (kMma) {  // the product, from the warps' fragments
+        store_product(prod, tiles_.o);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) acc[i] = tiles_.o[(grp + i * kGroups) * kLdS + r];
+      }
+      if (own_in) {
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+          const index_t c = c_first + grp + i * kGroups;
+          if (c >= out_channels) break;
+          const index_t idx = (n * out_channels + c) * plane + line * L + own;
+          acc_t value = acc[i];
+          if (a.other != nullptr) value += a.other[idx];  // the column pass's
+          if (a.out != nullptr) {
+            a.out[idx] = static_cast<scalar_t>(value);
+          } else {
+            a.partial[idx] = value;
+          }
         }
       }
     }
@@ -435,11 +472,13 @@ __global__ void delta_kernel(const scalar_t* __restrict__ g, const scalar_t* __r
   }
 }
 
-// Blocks of one line pass: a block per (image, line, tile of the line, chunk of channels).
+// Blocks of one line pass: a block per (image, line, tile of the line, chunk of channels); a
+// Stats pass has one chunk (its blocks own pixels, not channels).
 template <typename acc_t>
 inline int64_t line_pass_items(int64_t N, int64_t lines, int64_t L, int64_t out_channels) {
   return N * lines * tiles_of(L) * ((out_channels + chunk_channels<acc_t>() - 1) / chunk_channels<acc_t>());
 }
+inline int64_t stats_pass_items(int64_t N, int64_t lines, int64_t L) { return N * lines * tiles_of(L); }
 
 template <typename T>
 const T* const_or_null(const at::Tensor& t) {
@@ -463,7 +502,8 @@ void run_line_pass(const LineTensors& t, int64_t max_blocks) {
   const int64_t C = t.v.size(1), out_channels = Mode == LineMode::Forward || Mode == LineMode::GradValue ? C : Cq;
   CC_DISPATCH(t.q.scalar_type(), "cc_line_pass_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t items = line_pass_items<acc_t>(N, lines, L, out_channels);
+    const int64_t items =
+        Mode == LineMode::Stats ? stats_pass_items(N, lines, L) : line_pass_items<acc_t>(N, lines, L, out_channels);
     with_index_type(N * std::max(C, Cq) * lines * L + items, [&](auto index) {
       using index_t = decltype(index);
       LineArgs<scalar_t, index_t> args;
@@ -514,19 +554,34 @@ std::tuple<at::Tensor, at::Tensor> launch_fused_attention(const at::Tensor& q_in
   const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
   const auto acc = v.options().dtype(at::toOpMathType(v.scalar_type()));
   at::Tensor out = at::empty_like(v, at::MemoryFormat::Contiguous), lse = at::empty({N, H, W}, acc);
-  LineTensors rows{q, k, v};
-  rows.out = out, rows.out_lse = lse, rows.tensor_cores = tensor_cores;
-  if (H > 1) {  // the column pass first, on the transposed maps; its results back in the rows' layout
-    LineTensors cols{transposed(q, max_blocks), transposed(k, max_blocks), transposed(v, max_blocks)};
-    cols.partial = at::empty({N, C, W, H}, acc);
+  // the statistics: the column pass's (max, sum) on the transposed maps, transposed back and merged
+  // by the row pass into the log-sum-exp
+  LineTensors rows{q, k, v}, cols;
+  rows.tensor_cores = tensor_cores;
+  if (H > 1) {
+    cols = {transposed(q, max_blocks), transposed(k, max_blocks), transposed(v, max_blocks)};
+    cols.skip_self = true, cols.tensor_cores = tensor_cores;
     cols.partial_max = at::empty({N, W, H}, acc);
     cols.partial_sum = at::empty({N, W, H}, acc);
-    cols.skip_self = true, cols.tensor_cores = tensor_cores;
-    run_line_pass<LineMode::Forward>(cols, max_blocks);
-    rows.other = transposed(cols.partial, max_blocks);
+    run_line_pass<LineMode::Stats>(cols, max_blocks);
     rows.other_max = transposed_stats(cols.partial_max, max_blocks);
     rows.other_sum = transposed_stats(cols.partial_sum, max_blocks);
-  }  // the transposed maps and the column pass's own results are freed here
+    cols.partial_max = cols.partial_sum = at::Tensor();
+  }
+  rows.out_lse = lse;
+  run_line_pass<LineMode::Stats>(rows, max_blocks);
+  rows.other_max = rows.other_sum = rows.out_lse = at::Tensor();
+  // the output: each pass's product with the final weights exp(E - lse), the column pass's in
+  // float32 transposed back and added by the row pass
+  rows.lse = lse;
+  if (H > 1) {
+    cols.lse = transposed_stats(lse, max_blocks);
+    cols.partial = at::empty({N, C, W, H}, acc);
+    run_line_pass<LineMode::Forward>(cols, max_blocks);
+    rows.other = transposed(cols.partial, max_blocks);
+    cols = LineTensors();  // the transposed maps and the column pass's own result freed
+  }
+  rows.out = out;
   run_line_pass<LineMode::Forward>(rows, max_blocks);
   return {out, lse};
 }

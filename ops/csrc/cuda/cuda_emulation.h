@@ -38,6 +38,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)  // a register budget for nvcc; nothing to the host
 #define __shared__ static thread_local
 #define CC_SHARED(type, name) \
   static thread_local type name; \

@@ -219,7 +219,8 @@ at::Tensor wmma_probe(const at::Tensor& a_in, const at::Tensor& b_in, const std:
 // thread per item (work = items): combine (one per output element, in whole tiles of x, y) and
 // softmax (one per pixel, cc_attention and its backward); and the fused mode's line passes, a
 // block per (image, line, tile of kSpan pixels, chunk of the float32 output channels) (work =
-// those items): "line rows" and "line columns"; and the backward's D, a block per tile of kSpan
+// those items): "line rows" and "line columns"; the forward's statistics passes, a block per
+// (image, line, tile of kSpan pixels): "stats rows" and "stats columns"; and the backward's D, a block per tile of kSpan
 // pixels (work = tiles): "delta".
 std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t C, int64_t H, int64_t W,
                                    int64_t max_blocks) {
@@ -232,6 +233,10 @@ std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t
   }
   if (kernel == "line rows" || kernel == "line columns") {  // the fused mode's passes, float32, C output channels
     const int64_t items = kernel == "line rows" ? line_pass_items<float>(N, H, W, C) : line_pass_items<float>(N, W, H, C);
+    return {items, tile_blocks(items, max_blocks), kThreads};
+  }
+  if (kernel == "stats rows" || kernel == "stats columns") {  // the fused forward's statistics passes
+    const int64_t items = kernel == "stats rows" ? stats_pass_items(N, H, W) : stats_pass_items(N, W, H);
     return {items, tile_blocks(items, max_blocks), kThreads};
   }
   if (kernel == "delta") {
