@@ -117,8 +117,8 @@ def fused_line_kernels(N: int, Cq: int, C: int, H: int, W: int, dtype: str) -> l
     FLOPs are those of its tiles, whole tiles of ``LINE_SPAN`` x ``LINE_SPAN`` pixel pairs (on the
     tensor cores for fp16/bf16, FMA on the CUDA cores for float32 and float64: ``line_path``), with
     the energies (and dP) recomputed once per chunk of ``LINE_CHUNK`` output channels. A lower
-    bound: the exponentials (one per pair and pass), shared-memory traffic and occupancy are not
-    counted."""
+    bound: the exponentials (one per pair and chunk in a product or gradient pass, 1.25 per pair in
+    a statistics pass), shared-memory traffic and occupancy are not counted."""
     s, acc = SIZES[dtype], 8 if dtype == "float64" else 4
     P, chunk = H * W, LINE_CHUNK[dtype]
 

@@ -35,11 +35,13 @@
 //
 // Forward (11 launches): the column then the row statistics pass (the log-sum-exp, (N, H, W)),
 // then the column pass's product in float32, transposed back and added by the row pass's. The
-// energies' channels are read once more than a one-pass online softmax would (C' against C' + C
-// per chunk), and in exchange every weight is final when formed: no rescaling of the products, one
-// exponential per pair and pass. Backward (16 launches): D, then the column pass's three gradients
-// in float32, transposed back and added by the row pass's. Energies are computed once per chunk of
-// 64 output channels (32 in float64): the price of holding no map. fp16 and bf16 run the energy,
+// statistics passes compute the energies once more than a one-pass online softmax would (C'
+// channels per pair, against (chunks x C') + C in a product pass), and in exchange every weight is
+// final when formed: no rescaling of the products, one exponential per pair and chunk (and 1.25
+// per pair in a statistics pass), where the one-pass kernel took 9.25 per pair and chunk.
+// Backward (16 launches): D, then the column pass's three gradients in float32, transposed back
+// and added by the row pass's. Energies are computed once per chunk of 64 output channels (32 in
+// float64): the price of holding no map. fp16 and bf16 run the energy,
 // dP and product tiles on the tensor cores (WMMA fragments of 16 x 16 x 16 with float32 sums, 16-bit
 // tiles in shared memory: mma_tile and mma_product); float32 and float64 run them as FMA on the
 // CUDA cores (dot_tile).
@@ -284,7 +286,8 @@ __global__ void __launch_bounds__(kThreads, line_pass_min_blocks<scalar_t, index
     const auto line_of = [&](const scalar_t* map, index_t channels) { return map + n * channels * plane + line * L; };
     const scalar_t* q = line_of(a.q, a.Cq);
     const scalar_t* k = line_of(a.k, a.Cq);
-    const scalar_t* xs = Mode == LineMode::Forward     ? line_of(a.v, a.C)
+    const scalar_t* xs = kStats                        ? nullptr
+                         : Mode == LineMode::Forward   ? line_of(a.v, a.C)
                          : Mode == LineMode::GradQuery ? k
                          : Mode == LineMode::GradKey   ? q
                                                        : line_of(a.g, a.C);
