@@ -41,10 +41,9 @@
 // per pair in a statistics pass), where the one-pass kernel took 9.25 per pair and chunk.
 // Backward (16 launches): D, then the column pass's three gradients in float32, transposed back
 // and added by the row pass's. Energies are computed once per chunk of 64 output channels (32 in
-// float64): the price of holding no map. fp16 and bf16 run the energy,
-// dP and product tiles on the tensor cores (WMMA fragments of 16 x 16 x 16 with float32 sums, 16-bit
-// tiles in shared memory: mma_tile and mma_product); float32 and float64 run them as FMA on the
-// CUDA cores (dot_tile).
+// float64): the price of holding no map. fp16 and bf16 run the energy, dP and product tiles on the
+// tensor cores (WMMA fragments of 16 x 16 x 16 with float32 sums, 16-bit tiles in shared memory:
+// mma_tile and mma_product); float32 and float64 run them as FMA on the CUDA cores (dot_tile).
 #pragma once
 
 #include <cstdint>
@@ -231,7 +230,8 @@ __device__ __forceinline__ void mma_product(const scalar_t* ws, const scalar_t* 
   namespace wmma = nvcuda::wmma;
   using T = typename MmaElement<scalar_t>::type;
   const int warp = threadIdx.x / kWarp, fi = warp / (kChunk16 / kFrag) * kFrag, fc = warp % (kChunk16 / kFrag) * kFrag;
-  for (int k = 0; k < kSpan; k += kFrag) {  // A (own, other k) = ws[k][own]: column-major; B (k, channel) = x[channel][k]: column-major
+  // A (own, other k) = ws[k][own]: column-major; B (k, channel) = x[channel][k]: column-major
+  for (int k = 0; k < kSpan; k += kFrag) {
     wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::col_major> fa;
     wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> fb;
     wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(ws + k * kLd16 + fi), kLd16);
@@ -254,7 +254,8 @@ __device__ __forceinline__ void store_product(const ProductFragment& prod, float
 
 // Blocks per SM the line passes are built for: 4 (at most 64 registers a thread, 4 x 8 warps) with
 // float32 sums and 32-bit indices, where ptxas (sm_90) fits every mode without spilling; 2 (128
-// registers) for float64 or 64-bit indices, which spill at 4 and 3.
+// registers) for float64 or 64-bit indices, which spill at 4 (float64 at 3 too);
+// tests/test_kernel_resources.py holds every mode to this.
 template <typename scalar_t, typename index_t>
 constexpr int line_pass_min_blocks() {
   return sizeof(at::opmath_type<scalar_t>) == 4 && sizeof(index_t) == 4 ? 4 : 2;

@@ -220,8 +220,8 @@ at::Tensor wmma_probe(const at::Tensor& a_in, const at::Tensor& b_in, const std:
 // softmax (one per pixel, cc_attention and its backward); and the fused mode's line passes, a
 // block per (image, line, tile of kSpan pixels, chunk of the float32 output channels) (work =
 // those items): "line rows" and "line columns"; the forward's statistics passes, a block per
-// (image, line, tile of kSpan pixels): "stats rows" and "stats columns"; and the backward's D, a block per tile of kSpan
-// pixels (work = tiles): "delta".
+// (image, line, tile of kSpan pixels): "stats rows" and "stats columns"; and the backward's D, a
+// block per tile of kSpan pixels (work = tiles): "delta".
 std::vector<int64_t> launch_config(const std::string& kernel, int64_t N, int64_t C, int64_t H, int64_t W,
                                    int64_t max_blocks) {
   check_max_blocks(max_blocks, "cc_launch_config");
