@@ -7,10 +7,10 @@
 # and fused) with torch.profiler and the fused ones with Nsight Compute, and measures training on
 # the GPU with the compiled op and with the reference: the training step alone
 # (pipeline.step_bench: resnet18 at 512 and resnet101 at 769, bf16; images/s, peak GPU memory,
-# MFU) and, where Ray and MLflow are installed, a short run through pipeline.run (pipeline.bench). Last, the host emulation of the CUDA kernels on this
-# machine's compiler. Each part is stamped with the seconds so far and bounded by a timeout, so a
-# hung kernel fails its part and the rest still runs. Everything lands in
-# benchmarks/results/<date>_<gpu>/.
+# MFU) and, where Ray and MLflow are installed, a short run through pipeline.run (pipeline.bench).
+# Last, the host emulation of the CUDA kernels on this machine's compiler. Each part is stamped
+# with the seconds so far and bounded by a timeout, so a hung kernel fails its part and the rest
+# still runs. Everything lands in benchmarks/results/<date>_<gpu>/.
 # On a machine with PyTorch but without Ray and MLflow, the GPU tests that need them are listed
 # as not run, with the reason, and everything else runs.
 set -euo pipefail

@@ -476,13 +476,13 @@ __global__ void delta_kernel(const scalar_t* __restrict__ g, const scalar_t* __r
   }
 }
 
-// Blocks of one line pass: a block per (image, line, tile of the line, chunk of channels); a
-// Stats pass has one chunk (its blocks own pixels, not channels).
+// Blocks of one line pass: a block per (image, line, tile of the line), times the chunks of output
+// channels in a product pass (a Stats pass owns pixels, not channels).
+inline int64_t stats_pass_items(int64_t N, int64_t lines, int64_t L) { return N * lines * tiles_of(L); }
 template <typename acc_t>
 inline int64_t line_pass_items(int64_t N, int64_t lines, int64_t L, int64_t out_channels) {
-  return N * lines * tiles_of(L) * ((out_channels + chunk_channels<acc_t>() - 1) / chunk_channels<acc_t>());
+  return stats_pass_items(N, lines, L) * ((out_channels + chunk_channels<acc_t>() - 1) / chunk_channels<acc_t>());
 }
-inline int64_t stats_pass_items(int64_t N, int64_t lines, int64_t L) { return N * lines * tiles_of(L); }
 
 template <typename T>
 const T* const_or_null(const at::Tensor& t) {

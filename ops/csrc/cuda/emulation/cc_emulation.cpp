@@ -19,7 +19,8 @@
 //   cc_wmma_probe(a, b, a_layout, b_layout, offset, ldm, lanes=32)   a probe of the emulated WMMA (below)
 //   cc_launch_config(kernel, N, C, H, W, max_blocks) [tiles or items, blocks, threads] of a layout
 //                                                kernel ("pack", "unpack", "transpose", "combine",
-//                                                "softmax", "line rows", "line columns" or "delta")
+//                                                "softmax", "line rows", "line columns", "stats rows",
+//                                                "stats columns" or "delta")
 // A small max_blocks makes every thread run its grid-stride loop many times.
 #include <torch/library.h>
 
